@@ -1,0 +1,475 @@
+"""Configuration: frozen dataclasses, YAML loading and validation with errors that name the field.
+
+Every section is a frozen, keyword-only dataclass. ``load_config(path)`` reads YAML, builds the tree
+with :func:`build` (which checks unknown keys and types against the annotations) and then runs the
+cross-field checks (duplicate ports, GPUs, names). Errors are :class:`~proxy.errors.ConfigError`
+naming the file, the field path (``instances[2].port``) and a fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+
+from proxy.errors import ConfigError
+from proxy.units import DurationError, parse_duration
+
+Duration = Annotated[float, "duration"]
+"""Seconds; YAML may say ``30``, ``"30s"``, ``"5m"`` or ``"1h30m"``; negative means forever."""
+
+Launcher = Literal["process", "systemd", "external", "emulated"]
+PolicyName = Literal["vram_queue", "least_connections", "round_robin", "random"]
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True, kw_only=True)
+class GpuSpec:
+    """An emulated GPU: its memory and its speed relative to the catalogue's reference GPU."""
+
+    name: str
+    memory_gib: float
+    speed: float = 1.0
+    uuid: str = ""
+
+    def __post_init__(self) -> None:
+        _check(self.memory_gib > 0, "memory_gib", "must be > 0, e.g. 24")
+        _check(self.speed > 0, "speed", "must be > 0 (1.0 = the catalogue's reference GPU)")
+        if not self.uuid:
+            digest = hashlib.sha256(self.name.encode()).hexdigest()
+            uuid = f"GPU-{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}"
+            object.__setattr__(self, "uuid", uuid)
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.memory_gib * GIB)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """One model of the emulator's catalogue, with the speeds it reaches on the reference GPU."""
+
+    name: str
+    size_gb: float
+    parameters: str = "8.0B"
+    context_length: int = 131072
+    decode_tps: float = 140.0
+    prompt_tps: float = 7000.0
+    load_gbps: float = 12.0
+    kv_kib_per_token: float = 128.0
+    family: str = "llama"
+    quantization: str = "Q4_K_M"
+    embedding: bool = False
+    embedding_length: int = 4096
+    capabilities: tuple[str, ...] = ()
+    pulled: bool = True
+    digest: str = ""
+
+    def __post_init__(self) -> None:
+        _check(self.size_gb > 0, "size_gb", "must be > 0, e.g. 4.9")
+        for name in ("decode_tps", "prompt_tps", "load_gbps"):
+            _check(getattr(self, name) > 0, name, "must be > 0")
+        _check(self.context_length >= 4, "context_length", "must be >= 4")
+        if not self.digest:
+            object.__setattr__(self, "digest", hashlib.sha256(self.name.encode()).hexdigest())
+        if not self.capabilities:
+            caps = ("embedding",) if self.embedding else ("completion", "tools")
+            object.__setattr__(self, "capabilities", caps)
+
+    @property
+    def size_bytes(self) -> int:
+        return int(self.size_gb * 1e9)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmulatorConfig:
+    """The emulated box: its GPUs, the model catalogue and the model of time."""
+
+    speed: float = 1.0
+    """Time compression for real-time runs: 10 means a 5 s load takes 0.5 s."""
+    gpus: tuple[GpuSpec, ...] = ()
+    models: tuple[ModelSpec, ...] = ()
+    """Empty means the built-in catalogue (proxy/emulator/catalogue.py)."""
+    spread_penalty: float = 0.06
+    """Per-token slowdown for each extra GPU a model is split over (0.06 = 6 %)."""
+    cpu_slowdown: float = 10.0
+    """How much slower a layer runs when it spilled to system RAM."""
+    registry_gbps: float = 1.0
+    """Download speed of ``/api/pull``."""
+    version: str = "0.32.15"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.speed > 0, "speed", "must be > 0, e.g. 1 (real time) or 20")
+        _check(self.spread_penalty >= 0, "spread_penalty", "must be >= 0, e.g. 0.06")
+        _check(self.cpu_slowdown >= 1, "cpu_slowdown", "must be >= 1")
+        _check(self.registry_gbps > 0, "registry_gbps", "must be > 0")
+        _unique([g.name for g in self.gpus], "gpus", "name")
+        _unique([m.name for m in self.models], "models", "name")
+
+
+@dataclass(frozen=True, kw_only=True)
+class InstanceConfig:
+    """One Ollama server: which GPU(s) it owns, where it listens and how it is started."""
+
+    name: str
+    launcher: Launcher = "process"
+    gpu: tuple[int | str, ...] = ()
+    """GPU index or UUID (real GPUs), or emulated GPU name or index; a list = one spread server."""
+    port: int = 0
+    """Loopback port of the instance; 0 = assigned from 11435 upwards."""
+    url: str = ""
+    """Only for ``external``: where the server already runs."""
+    num_parallel: int = 4
+    keep_alive: str = "5m"
+    max_loaded_models: int = 0
+    max_queue: int = 512
+    context_length: int = 0
+    """OLLAMA_CONTEXT_LENGTH; 0 = Ollama's default (tiered by VRAM)."""
+    spread: bool = False
+    """OLLAMA_SCHED_SPREAD: split every model over all of this instance's GPUs."""
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name.strip()), "name", "must not be empty, e.g. gpu0")
+        _check(0 <= self.port <= 65535, "port", "must be a TCP port, 1-65535")
+        _check(self.num_parallel >= 1, "num_parallel", "must be >= 1")
+        _check(self.max_loaded_models >= 0, "max_loaded_models", "must be >= 0 (0 = 3 x GPUs)")
+        _check(self.max_queue >= 1, "max_queue", "must be >= 1")
+        _check(self.context_length >= 0, "context_length", "must be >= 0 (0 = Ollama's default)")
+        try:
+            parse_duration(self.keep_alive, env_style=True)
+        except DurationError as exc:
+            raise ConfigError(f"{exc}; use e.g. 5m, 1h or -1 (forever)", path="keep_alive") from None
+        if self.launcher == "external":
+            _check(bool(self.url), "url", "is required for launcher external, e.g. http://10.0.0.5:11434")
+        else:
+            _check(not self.url, "url", f"is only for launcher external, not {self.launcher}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoutingConfig:
+    """Which policy picks the instance and how it may bend its rules."""
+
+    policy: PolicyName = "vram_queue"
+    session_affinity: bool = True
+    scale_out: bool = True
+    """Load a replica on an idle GPU when the wait behind the warm ones exceeds its load time."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class QueueConfig:
+    """Proxy-side admission control."""
+
+    max_per_model: int = 64
+    max_total: int = 512
+    timeout: Duration = 300.0
+
+    def __post_init__(self) -> None:
+        _check(self.max_per_model >= 1, "max_per_model", "must be >= 1")
+        _check(self.max_total >= self.max_per_model, "max_total", "must be >= max_per_model")
+        _check(self.timeout > 0, "timeout", "must be > 0, e.g. 5m")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TimeoutConfig:
+    """Timeouts towards the instances."""
+
+    connect: Duration = 5.0
+    health_interval: Duration = 2.0
+    health_timeout: Duration = 2.0
+    start: Duration = 60.0
+    """How long an instance may take to answer its first health check."""
+
+    def __post_init__(self) -> None:
+        for name in ("connect", "health_interval", "health_timeout", "start"):
+            _check(getattr(self, name) > 0, name, "must be > 0, e.g. 5s")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """The whole ollamux configuration."""
+
+    listen: str = "127.0.0.1:11434"
+    models_dir: str = ""
+    """Shared model store (OLLAMA_MODELS) of all instances; empty = Ollama's default."""
+    instances: tuple[InstanceConfig, ...] | Literal["auto"] = "auto"
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
+    emulator: EmulatorConfig = field(default_factory=EmulatorConfig)
+    source: str = ""
+    """The file this config came from (set by the loader, not read from YAML)."""
+
+    def __post_init__(self) -> None:
+        try:
+            parse_listen(self.listen)
+        except ValueError as exc:
+            raise ConfigError(str(exc), path="listen") from None
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (or ``[v6]:PORT``) to a pair; raises ValueError with a fix."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not HOST:PORT; use e.g. 127.0.0.1:11434")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, build and validate a config file; every problem is a ConfigError naming the field."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the file ({exc.strerror})", source=source) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"not valid YAML: {exc}", source=source, path=where) from None
+    return config_from_dict({} if raw is None else raw, source=source)
+
+
+def config_from_dict(raw: object, *, source: str = "") -> Config:
+    """Build a validated Config from already-parsed YAML (a mapping)."""
+    if isinstance(raw, dict) and "source" in raw:
+        raise ConfigError("unknown key 'source'", source=source, path="source")
+    try:
+        config = build(Config, raw, "")
+        config = dataclasses.replace(config, source=source)
+        return _resolve(config)
+    except ConfigError as exc:
+        if exc.source:
+            raise
+        raise ConfigError(_strip_path(exc), source=source, path=exc.path) from None
+
+
+def _resolve(config: Config) -> Config:
+    """Cross-field checks and defaults that need the whole tree (ports, GPUs, names)."""
+    if config.instances == "auto":
+        return config
+    instances = list(config.instances)
+    _unique([inst.name for inst in instances], "instances", "name")
+    gpu_names = [g.name for g in config.emulator.gpus]
+    next_port = 11435
+    taken = {inst.port for inst in instances}
+    _, listen_port = parse_listen(config.listen)
+    for i, inst in enumerate(instances):
+        where = f"instances[{i}]"
+        if inst.launcher != "external" and inst.port == 0:
+            while next_port in taken or next_port == listen_port:
+                next_port += 1
+            taken.add(next_port)
+            instances[i] = inst = dataclasses.replace(inst, port=next_port)
+        if inst.launcher != "external" and inst.port == listen_port:
+            raise ConfigError(
+                f"port {inst.port} is the proxy's own listen port; pick another",
+                path=f"{where}.port",
+            )
+        if inst.launcher == "emulated":
+            if not gpu_names:
+                raise ConfigError(
+                    "launcher emulated needs emulated GPUs; add an emulator.gpus list",
+                    path=f"{where}.launcher",
+                )
+            for j, ref in enumerate(inst.gpu):
+                if not _emulated_gpu_exists(ref, gpu_names):
+                    raise ConfigError(
+                        f"{ref!r} is not an emulated GPU; use one of {gpu_names} or its index",
+                        path=f"{where}.gpu[{j}]" if len(inst.gpu) > 1 else f"{where}.gpu",
+                    )
+            if not inst.gpu:
+                raise ConfigError(
+                    "an emulated instance needs its GPU(s); e.g. gpu: 0", path=f"{where}.gpu"
+                )
+    seen_ports: dict[int, int] = {}
+    seen_gpus: dict[str, int] = {}
+    for i, inst in enumerate(instances):
+        if inst.launcher != "external":
+            if inst.port in seen_ports:
+                raise ConfigError(
+                    f"port {inst.port} is already used by instances[{seen_ports[inst.port]}]; "
+                    "give each instance its own port",
+                    path=f"instances[{i}].port",
+                )
+            seen_ports[inst.port] = i
+        for ref in inst.gpu:
+            key = _gpu_key(ref, gpu_names if inst.launcher == "emulated" else [])
+            if key in seen_gpus and not inst.spread:
+                raise ConfigError(
+                    f"GPU {ref!r} is already owned by instances[{seen_gpus[key]}]; "
+                    "each GPU belongs to one instance",
+                    path=f"instances[{i}].gpu",
+                )
+            seen_gpus.setdefault(key, i)
+    return dataclasses.replace(config, instances=tuple(instances))
+
+
+def _emulated_gpu_exists(ref: int | str, names: list[str]) -> bool:
+    if isinstance(ref, int):
+        return 0 <= ref < len(names)
+    return ref in names
+
+
+def _gpu_key(ref: int | str, emulated_names: list[str]) -> str:
+    if isinstance(ref, int) and emulated_names:
+        return emulated_names[ref]
+    return str(ref)
+
+
+def emulated_gpus(config: Config, instance: InstanceConfig) -> tuple[GpuSpec, ...]:
+    """The emulated GPUs an emulated instance owns, in the order it lists them."""
+    by_name = {g.name: g for g in config.emulator.gpus}
+    out = []
+    for ref in instance.gpu:
+        out.append(config.emulator.gpus[ref] if isinstance(ref, int) else by_name[ref])
+    return tuple(out)
+
+
+# --- generic builder -----------------------------------------------------------------------------
+
+
+def build(cls: type[Any], raw: object, path: str) -> Any:
+    """Build dataclass ``cls`` from a YAML mapping, checking keys and types against annotations."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"must be a mapping, got {_kind(raw)}", path=path or "(top level)")
+    hints = typing.get_type_hints(cls, include_extras=True)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        key_path = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown key {key!r}; {hint}", path=key_path)
+        kwargs[key] = _convert(hints[key], value, key_path)
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        where = f"{path}.{missing[0]}" if path else missing[0]
+        raise ConfigError(f"is required ({cls.__name__} needs {', '.join(missing)})", path=where)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        if exc.path and not exc.source:
+            sub = f"{path}.{exc.path}" if path else exc.path
+            raise ConfigError(_strip_path(exc), path=sub) from None
+        raise
+
+
+def _convert(tp: Any, value: object, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Annotated:
+        if "duration" in args[1:]:
+            try:
+                return parse_duration(value, env_style=True)
+            except DurationError as exc:
+                raise ConfigError(f"{exc}; use e.g. 30s, 5m or 1h", path=path) from None
+        return _convert(args[0], value, path)
+    if origin is Literal:
+        if value not in args:
+            options = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{value!r} is not one of {options}", path=path)
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        # a scalar where a list is expected means a list of one (e.g. `gpu: 0`)
+        for arg in args:
+            try:
+                return _convert(arg, value, path)
+            except ConfigError as exc:
+                errors.append(exc)
+        if any(typing.get_origin(a) is tuple for a in args) and not isinstance(value, list):
+            raise errors[-1]
+        raise errors[0]
+    if origin is tuple:
+        item_type = args[0]
+        if not isinstance(value, list):
+            if item_type in (int, str) or typing.get_origin(item_type) in (Union, types.UnionType):
+                return (_convert(item_type, value, path),)
+            raise ConfigError(f"must be a list, got {_kind(value)}", path=path)
+        return tuple(_convert(item_type, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"must be a mapping, got {_kind(value)}", path=path)
+        return {str(k): _scalar_str(v, f"{path}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, path)
+    return _scalar(tp, value, path)
+
+
+def _scalar(tp: Any, value: object, path: str) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"must be true or false, got {_kind(value)}", path=path)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"must be an integer, got {_kind(value)}", path=path)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"must be a number, got {_kind(value)}", path=path)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"must be a string, got {_kind(value)}", path=path)
+    raise TypeError(f"config field type {tp!r} is not supported")  # a bug in this module
+
+
+def _scalar_str(value: object, path: str) -> str:
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    raise ConfigError(f"must be a string, got {_kind(value)}", path=path)
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "nothing (null)"
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+    names.update({list: "a list", dict: "a mapping"})
+    shown = repr(value) if isinstance(value, (bool, int, float, str)) else ""
+    return f"{names.get(type(value), type(value).__name__)} {shown}".strip()
+
+
+def _check(ok: bool, path: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(message, path=path)
+
+
+def _unique(values: list[str], path: str, key: str) -> None:
+    seen: dict[str, int] = {}
+    for i, value in enumerate(values):
+        if value in seen:
+            raise ConfigError(
+                f"{value!r} is already used by {path}[{seen[value]}]; each {key} must be unique",
+                path=f"{path}[{i}].{key}",
+            )
+        seen[value] = i
+
+
+def _strip_path(exc: ConfigError) -> str:
+    text = str(exc)
+    prefix = f"{exc.path}: "
+    return text[len(prefix) :] if exc.path and text.startswith(prefix) else text
