@@ -409,7 +409,7 @@ def _convert(tp: Any, value: object, path: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"must be a mapping, got {_kind(value)}", path=path)
         return {str(k): _scalar_str(v, f"{path}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return build(tp, value, path)
     return _scalar(tp, value, path)
 

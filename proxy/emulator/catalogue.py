@@ -7,7 +7,7 @@ are the Q4_K_M download sizes ollama.com shows. Sources: shared/reference/perfor
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from proxy.config import ModelSpec
 
@@ -89,7 +89,7 @@ class Catalogue:
         models = tuple(models) or DEFAULT_MODELS
         self._by_key = {normalize(m.name).lower(): m for m in models}
 
-    def __iter__(self) -> Iterable[ModelSpec]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[ModelSpec]:
         return iter(self._by_key.values())
 
     def find(self, name: str) -> ModelSpec | None:
