@@ -45,7 +45,8 @@ class GpuSpec:
         _check(self.speed > 0, "speed", "must be > 0 (1.0 = the catalogue's reference GPU)")
         if not self.uuid:
             digest = hashlib.sha256(self.name.encode()).hexdigest()
-            uuid = f"GPU-{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}"
+            parts = (digest[:8], digest[8:12], digest[12:16], digest[16:20], digest[20:32])
+            uuid = "GPU-" + "-".join(parts)
             object.__setattr__(self, "uuid", uuid)
 
     @property
@@ -148,9 +149,14 @@ class InstanceConfig:
         try:
             parse_duration(self.keep_alive, env_style=True)
         except DurationError as exc:
-            raise ConfigError(f"{exc}; use e.g. 5m, 1h or -1 (forever)", path="keep_alive") from None
+            fix = "use e.g. 5m, 1h or -1 (forever)"
+            raise ConfigError(f"{exc}; {fix}", path="keep_alive") from None
         if self.launcher == "external":
-            _check(bool(self.url), "url", "is required for launcher external, e.g. http://10.0.0.5:11434")
+            _check(
+                bool(self.url),
+                "url",
+                "is required for launcher external, e.g. http://10.0.0.5:11434",
+            )
         else:
             _check(not self.url, "url", f"is only for launcher external, not {self.launcher}")
 

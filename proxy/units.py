@@ -55,7 +55,7 @@ def parse_go_duration(text: str) -> float:
 def parse_duration(value: object, *, env_style: bool = False) -> float:
     """Seconds from a number (seconds) or a Go duration string; negative becomes FOREVER.
 
-    ``env_style`` also accepts a bare integer string as seconds, the way ``OLLAMA_KEEP_ALIVE`` is read.
+    ``env_style`` also accepts a bare integer string as seconds, as ``OLLAMA_KEEP_ALIVE`` does.
     """
     if isinstance(value, bool):
         raise DurationError(f"Unsupported type: '{type(value).__name__}'")

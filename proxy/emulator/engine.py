@@ -77,7 +77,8 @@ class Engine:
         self.max_loaded = settings.max_loaded_models or 3 * max(len(settings.gpus), 1)
         total = sum(g.memory_bytes for g in settings.gpus)
         self.default_ctx = settings.context_length or next(
-            (tier for tier, floor in zip(_TIERS, (47, 23, 0)) if total >= floor * GIB), 4096
+            (tier for tier, floor in zip(_TIERS, (47, 23, 0), strict=True) if total >= floor * GIB),
+            4096,
         )
 
     async def aclose(self) -> None:
@@ -110,7 +111,7 @@ class Engine:
     async def load(
         self, model: ModelSpec, *, num_ctx: int | None, keep_alive: float | None
     ) -> float:
-        """Schedule and load ``model`` without generating (an empty prompt); returns load_duration."""
+        """Schedule and load ``model`` without generating (empty prompt); return load_duration."""
         t0 = self.clock.now()
         runner = await self._acquire(model, num_ctx, keep_alive)
         self._release(runner)
@@ -339,7 +340,7 @@ class Engine:
         runner.expires_at = self.clock.now() + runner.keep_alive
         p.future.set_result(runner)
 
-    # --- placement ---------------------------------------------------------------------------------
+    # --- placement -------------------------------------------------------------------------------
 
     def _used(self, gpu: int) -> int:
         return sum(r.placement.vram.get(gpu, 0) for r in self._runners.values())
@@ -354,7 +355,7 @@ class Engine:
         return model.size_bytes + int(model.kv_kib_per_token * 1024 * ctx * slots)
 
     def _place_with_tiers(self, p: _Pending) -> tuple[Placement | None, int]:
-        """Place at the request's context; an automatic context steps down a tier on an empty box."""
+        """Place at the request's context; an automatic one steps down a tier on an empty box."""
         placement = self._place(p.model, p.num_ctx)
         if placement is not None or not p.auto_ctx or self._runners:
             return placement, p.num_ctx
@@ -376,9 +377,9 @@ class Engine:
             if need + OVERHEAD_BYTES <= free[best]:
                 return Placement(vram={best: need + OVERHEAD_BYTES})
         usable = {i: f - OVERHEAD_BYTES for i, f in free.items() if f > OVERHEAD_BYTES}
-        if len(self.settings.gpus) > 1 or self.settings.spread:
-            if usable and sum(usable.values()) >= need:
-                return Placement(vram=_split(need, usable, OVERHEAD_BYTES))
+        can_split = len(self.settings.gpus) > 1 or self.settings.spread
+        if can_split and usable and sum(usable.values()) >= need:
+            return Placement(vram=_split(need, usable, OVERHEAD_BYTES))
         return None
 
     def _spill(self, model: ModelSpec, ctx: int) -> Placement:
@@ -435,9 +436,9 @@ class Engine:
         runner.decoding += 1
         try:
             while len(produced) < target:
-                if self.faults.die_after_tokens is not None:
-                    if len(produced) >= self.faults.die_after_tokens:
-                        raise RunnerFailed(self.faults.fail_message)
+                dies_at = self.faults.die_after_tokens
+                if dies_at is not None and len(produced) >= dies_at:
+                    raise RunnerFailed(self.faults.fail_message)
                 due = max(due, runner.stall_until) + runner.token_interval(self._contention(runner))
                 delay = due - self.clock.now()
                 if delay > 0:

@@ -123,7 +123,7 @@ class Runner:
         best = 0
         for seq in self._cache:
             n = 0
-            for a, b in zip(seq, prompt):
+            for a, b in zip(seq, prompt, strict=False):
                 if a != b:
                     break
                 n += 1

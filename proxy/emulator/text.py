@@ -11,12 +11,64 @@ from typing import Any
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 
-_WORDS = (
-    "the model answers with care and the routing keeps every graphics card busy while "
-    "users wait less for their first token because a proxy that sees queue depth can place "
-    "each request where a free slot is ready and memory is enough so nobody queues behind "
-    "a long story when another server sits idle"
-).split()
+_WORDS = tuple(
+    [
+        "the",
+        "model",
+        "answers",
+        "with",
+        "care",
+        "and",
+        "the",
+        "routing",
+        "keeps",
+        "every",
+        "graphics",
+        "card",
+        "busy",
+        "while",
+        "users",
+        "wait",
+        "less",
+        "for",
+        "their",
+        "first",
+        "token",
+        "because",
+        "a",
+        "proxy",
+        "that",
+        "sees",
+        "queue",
+        "depth",
+        "can",
+        "place",
+        "each",
+        "request",
+        "where",
+        "a",
+        "free",
+        "slot",
+        "is",
+        "ready",
+        "and",
+        "memory",
+        "is",
+        "enough",
+        "so",
+        "nobody",
+        "queues",
+        "behind",
+        "a",
+        "long",
+        "story",
+        "when",
+        "another",
+        "server",
+        "sits",
+        "idle",
+    ]
+)
 
 
 def tokenize(text: str) -> list[str]:
