@@ -1,4 +1,4 @@
-"""The emulator's model catalogue and Ollama's model-name rules.
+"""The emulator's model catalogue: which models its registry has and how fast they run.
 
 Speeds are for one stream on the reference GPU (an RTX 4090-class card, ``speed: 1.0``); sizes
 are the Q4_K_M download sizes ollama.com shows. Sources: shared/reference/performance.md §1.
@@ -6,10 +6,12 @@ are the Q4_K_M download sizes ollama.com shows. Sources: shared/reference/perfor
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator
 
 from proxy.config import ModelSpec
+from proxy.names import full_name, is_valid, normalize
+
+__all__ = ["DEFAULT_MODELS", "Catalogue", "full_name", "is_valid", "normalize"]
 
 DEFAULT_MODELS: tuple[ModelSpec, ...] = (
     ModelSpec(name="llama3.2:1b", size_gb=1.3, parameters="1.2B", decode_tps=280,
@@ -42,44 +44,6 @@ DEFAULT_MODELS: tuple[ModelSpec, ...] = (
               context_length=512, decode_tps=1, prompt_tps=12000, kv_kib_per_token=96,
               family="bert", quantization="F16", embedding=True, embedding_length=1024),
 )  # fmt: skip
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
-_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,79}$")
-_PREFIXES = ("registry.ollama.ai/library/", "registry.ollama.ai/", "library/")
-
-
-def normalize(name: str) -> str:
-    """The short display form Ollama lists: ``llama3.2`` -> ``llama3.2:latest``."""
-    name = name.strip()
-    lowered = name.lower()
-    for prefix in _PREFIXES:
-        if lowered.startswith(prefix):
-            name = name[len(prefix) :]
-            break
-    base, sep, tag = name.rpartition(":")
-    if not sep or "/" in tag:
-        base, tag = name, "latest"
-    return f"{base}:{tag}"
-
-
-def is_valid(name: str) -> bool:
-    """Whether Ollama would accept the name at all (otherwise 400 ``invalid model name``)."""
-    if not name:
-        return False
-    short = normalize(name)
-    base, _, tag = short.rpartition(":")
-    parts = base.split("/")
-    return len(parts) <= 3 and all(_NAME.match(p) for p in parts) and bool(_TAG.match(tag))
-
-
-def full_name(name: str) -> str:
-    """``registry.ollama.ai/library/x:tag``, the form some of Ollama's errors print."""
-    short = normalize(name)
-    if short.count("/") == 0:
-        return f"registry.ollama.ai/library/{short}"
-    if short.count("/") == 1:
-        return f"registry.ollama.ai/{short}"
-    return short
 
 
 class Catalogue:
