@@ -3,6 +3,14 @@
     OllamuxError
     ├── ConfigError            bad config file: names the file, the field path and a fix (CLI exit 2)
     ├── LaunchError            an instance could not be started or did not become ready
+    ├── RoutingError           the proxy cannot place a request now (HTTP 503 + Retry-After)
+    │   ├── QueueFull          the model's (or the total) wait queue is at its limit
+    │   ├── QueueTimeout       the request waited longer than queue.timeout for a slot
+    │   └── NoHealthyInstance  no instance answers its health check
+    ├── UpstreamError          an exchange with an instance failed (retried before the first byte)
+    │   ├── UpstreamConnectError   could not connect, or the connection broke
+    │   ├── UpstreamTimeout        no answer in time
+    │   └── UpstreamStatus         answered 5xx before the first byte of a body we relay
     └── EmulatorError          the emulated Ollama refuses a request; carries Ollama's status and text
         ├── ModelNotFound      the model is not in the emulator's store (404; wording per endpoint)
         ├── BadRequest         400 with Ollama's message
@@ -33,6 +41,60 @@ class ConfigError(OllamuxError):
 
 class LaunchError(OllamuxError):
     """An instance process failed to start, died at once, or never answered its health check."""
+
+
+class RoutingError(OllamuxError):
+    """The proxy cannot place the request now; clients get 503 with Retry-After."""
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class QueueFull(RoutingError):
+    """Admission control refused the request (per-model or total queue limit)."""
+
+
+class QueueTimeout(RoutingError):
+    """The request waited ``queue.timeout`` without getting a slot."""
+
+
+class NoHealthyInstance(RoutingError):
+    """Every instance is down or draining."""
+
+
+class UpstreamError(OllamuxError):
+    """One exchange with an instance failed."""
+
+    kind = "error"
+
+    def __init__(self, instance: str, message: str) -> None:
+        super().__init__(f"{instance}: {message}")
+        self.instance = instance
+        self.message = message
+
+
+class UpstreamConnectError(UpstreamError):
+    kind = "connect"
+
+
+class UpstreamTimeout(UpstreamError):
+    kind = "timeout"
+
+
+class UpstreamStatus(UpstreamError):
+    """A 5xx answer before any byte was relayed; the body is kept to relay if no retry helps."""
+
+    kind = "status"
+
+    def __init__(
+        self, instance: str, status: int, body: bytes, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(instance, f"answered {status}")
+        self.status = status
+        self.body = body
+        self.headers = headers or {}
 
 
 class EmulatorError(OllamuxError):

@@ -1,0 +1,1 @@
+"""The routing brain: instance state, policies, proxy-side queues and the monitor."""

@@ -1,0 +1,68 @@
+"""vram_queue (default): warm slot first, then a load where VRAM is free, replicas under queue."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from proxy.balancer.policy import Decision
+from proxy.balancer.state import InstanceView, RouteRequest
+from proxy.config import RoutingConfig
+
+AFFINITY_SLACK = 1
+"""The session's previous instance wins while it has at most this many more in flight."""
+
+
+class VramQueue:
+    """Route to the instance that will answer first, by where the model is and what VRAM is free.
+
+    1. warm instances (model loaded or loading there) with a free slot: fewest in flight, or the
+       session's previous one within ``AFFINITY_SLACK`` (its prompt cache is warm);
+    2. warm instances all busy: wait, unless the expected wait behind them (queued x service time
+       / their slots) exceeds the load time of a replica on an idle instance whose free VRAM fits
+       the model: then load one there (scale-out);
+    3. not warm anywhere: the instance whose free VRAM fits the model without eviction, most free
+       first; else the one where an eviction disturbs least (idle models, nothing in flight).
+    An instance already loading a model counts as busy for new loads: Ollama loads one at a time.
+    """
+
+    def __init__(self, config: RoutingConfig | None = None) -> None:
+        config = config or RoutingConfig()
+        self.session_affinity = config.session_affinity
+        self.scale_out = config.scale_out
+
+    def select(self, request: RouteRequest, instances: Sequence[InstanceView]) -> Decision | None:
+        available = [v for v in instances if v.available]
+        warm = [v for v in instances if v.warm]
+        warm_free = [v for v in warm if v.available]
+        if warm_free:
+            return self._warm(warm_free)
+        can_load = [v for v in available if not v.warm and not v.loading]
+        fits = [v for v in can_load if v.free_vram is not None and v.free_vram >= request.est_size]
+        if warm:
+            if not (self.scale_out and fits):
+                return None
+            capacity = sum(v.slots for v in warm)
+            expected_wait = (request.queued_ahead + 1) * request.service_s / capacity
+            if expected_wait <= request.load_s:
+                return None
+            return Decision(_most_free(fits).name, "scale_out")
+        if fits:
+            return Decision(_most_free(fits).name, "cold_fit")
+        if can_load:
+            calmest = min(can_load, key=lambda v: (v.inflight, -v.idle_models, -(v.free_vram or 0)))
+            return Decision(calmest.name, "evict")
+        if available:  # every instance is loading: take the least loaded rather than stall
+            return Decision(min(available, key=lambda v: (v.inflight, v.name)).name, "fallback")
+        return None
+
+    def _warm(self, warm_free: list[InstanceView]) -> Decision:
+        best = min(warm_free, key=lambda v: (v.inflight, v.inflight_model, v.name))
+        if self.session_affinity:
+            for view in warm_free:
+                if view.affinity and view.inflight <= best.inflight + AFFINITY_SLACK:
+                    return Decision(view.name, "affinity")
+        return Decision(best.name, "warm")
+
+
+def _most_free(views: list[InstanceView]) -> InstanceView:
+    return max(views, key=lambda v: (v.free_vram or 0, -v.inflight, v.name))

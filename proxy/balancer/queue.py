@@ -1,0 +1,223 @@
+"""Proxy-side wait queues with late binding: a request is bound only when it can start.
+
+Ollama queues requests for a loaded model without limit inside the runner, where nobody can see or
+move them. The dispatcher keeps them here instead: one FIFO per model, admission limits per model
+and in total, a timeout, and a grant only when the policy names an instance with a free slot.
+Every bind, release and state change pumps the queues (models served in turn, so one busy model
+cannot starve another).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from proxy.balancer.policy import Decision, Policy
+from proxy.balancer.state import InstanceState, LoadedModel, ModelBook, RouteRequest
+from proxy.config import QueueConfig
+from proxy.errors import NoHealthyInstance, QueueFull, QueueTimeout
+from proxy.names import normalize
+
+_SESSIONS_KEPT = 10_000
+
+
+@dataclass(eq=False)
+class Lease:
+    """A slot on one instance, held from bind to release."""
+
+    instance: InstanceState
+    model: str
+    decision: Decision
+    queued_s: float
+    cold: bool
+    """The model was not loaded there when bound: this request pays for the load."""
+    released: bool = False
+
+
+@dataclass(eq=False)
+class _Waiter:
+    model: str
+    session: str
+    exclude: frozenset[str]
+    since: float
+    future: asyncio.Future[Lease] = field(repr=False)
+
+
+DecisionHook = Callable[[str], None]
+"""Called with the reason of every decision, ``queued`` included (for metrics)."""
+
+
+class Dispatcher:
+    """Grants slots on instances to requests, in order, as the policy decides."""
+
+    def __init__(
+        self,
+        instances: Iterable[InstanceState],
+        policy: Policy,
+        book: ModelBook,
+        limits: QueueConfig,
+        *,
+        on_decision: DecisionHook | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.instances = {inst.name: inst for inst in instances}
+        self.policy = policy
+        self.book = book
+        self.limits = limits
+        self._on_decision = on_decision or (lambda _reason: None)
+        self._clock = clock
+        self._queues: dict[str, deque[_Waiter]] = {}
+        self._turn = 0
+        self._sessions: OrderedDict[str, str] = OrderedDict()
+
+    # --- public ---------------------------------------------------------------------------------
+
+    async def acquire(self, model: str, *, session: str = "", exclude: Iterable[str] = ()) -> Lease:
+        """Wait for a slot for ``model``; raises QueueFull, QueueTimeout or NoHealthyInstance."""
+        model = normalize(model)
+        excluded = frozenset(exclude)
+        if not any(i.healthy and not i.draining for i in self._candidates(excluded)):
+            raise NoHealthyInstance("no healthy Ollama instance is available", retry_after=5)
+        waiter = _Waiter(
+            model, session, excluded, self._clock(), asyncio.get_running_loop().create_future()
+        )
+        queue = self._queues.get(model)
+        if not queue:
+            lease = self._try(waiter)
+            if lease is not None:
+                return lease
+        self._admit(model)
+        self._queues.setdefault(model, deque()).append(waiter)
+        self._on_decision("queued")
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter.future), self.limits.timeout)
+        except asyncio.TimeoutError:
+            self._abandon(waiter)
+            raise QueueTimeout(
+                f"no slot for model {model!r} within {self.limits.timeout:g}s", retry_after=5
+            ) from None
+        except BaseException:  # the client went away while waiting
+            self._abandon(waiter)
+            raise
+
+    def loaded(self, lease: Lease) -> None:
+        """The first byte came back: the model is loaded there now (if it was cold)."""
+        inst = lease.instance
+        if lease.cold and lease.model in inst.loading:
+            size = inst.loading.pop(lease.model)
+            inst.loaded.setdefault(
+                lease.model, LoadedModel(name=lease.model, size_vram=size, context_length=0)
+            )
+            self.pump()
+
+    def release(self, lease: Lease) -> None:
+        """The request is over (done, failed or cancelled): free its slot and serve the queue."""
+        if lease.released:
+            return
+        lease.released = True
+        inst = lease.instance
+        left = inst.inflight.get(lease.model, 0) - 1
+        if left > 0:
+            inst.inflight[lease.model] = left
+        else:
+            inst.inflight.pop(lease.model, None)
+        if lease.cold and lease.model in inst.loading and left <= 0:
+            del inst.loading[lease.model]  # the load never showed a byte: forget the reservation
+        self.pump()
+
+    def pump(self) -> None:
+        """Grant every queued request the policy can place now, serving models in turn."""
+        progress = True
+        while progress:
+            progress = False
+            models = [m for m, q in self._queues.items() if q]
+            if not models:
+                return
+            self._turn = (self._turn + 1) % len(models)
+            for model in models[self._turn :] + models[: self._turn]:
+                queue = self._queues[model]
+                while queue and queue[0].future.done():
+                    queue.popleft()
+                if not queue:
+                    continue
+                lease = self._try(queue[0])
+                if lease is not None:
+                    queue.popleft().future.set_result(lease)
+                    progress = True
+
+    def depth(self, model: str | None = None) -> int:
+        if model is not None:
+            return len(self._queues.get(normalize(model), ()))
+        return sum(len(q) for q in self._queues.values())
+
+    def depths(self) -> dict[str, int]:
+        return {m: len(q) for m, q in self._queues.items() if q}
+
+    def session_instance(self, session: str) -> str | None:
+        return self._sessions.get(session)
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _candidates(self, exclude: frozenset[str]) -> list[InstanceState]:
+        return [i for name, i in self.instances.items() if name not in exclude]
+
+    def _admit(self, model: str) -> None:
+        if self.depth(model) >= self.limits.max_per_model:
+            raise QueueFull(
+                f"too many requests waiting for model {model!r} "
+                f"(queue.max_per_model = {self.limits.max_per_model})",
+                retry_after=2,
+            )
+        if self.depth() >= self.limits.max_total:
+            raise QueueFull(
+                f"too many requests waiting (queue.max_total = {self.limits.max_total})",
+                retry_after=2,
+            )
+
+    def _try(self, waiter: _Waiter) -> Lease | None:
+        model = waiter.model
+        previous = self._sessions.get(waiter.session) if waiter.session else None
+        views = [
+            inst.view(model, slots=inst.slots, affinity=inst.name == previous)
+            for inst in self._candidates(waiter.exclude)
+            if inst.healthy and not inst.draining
+        ]
+        if not views:
+            return None
+        request = RouteRequest(
+            model=model,
+            est_size=self.book.estimate_size(model),
+            queued_ahead=max(self.depth(model) - 1, 0),
+            service_s=self.book.estimate_service_s(model),
+            load_s=self.book.estimate_load_s(model),
+            session=waiter.session,
+        )
+        decision = self.policy.select(request, views)
+        if decision is None:
+            return None
+        inst = self.instances[decision.instance]
+        cold = not inst.is_warm(model)
+        if cold:
+            inst.loading[model] = request.est_size
+        inst.inflight[model] = inst.inflight.get(model, 0) + 1
+        if waiter.session:
+            self._sessions[waiter.session] = inst.name
+            self._sessions.move_to_end(waiter.session)
+            while len(self._sessions) > _SESSIONS_KEPT:
+                self._sessions.popitem(last=False)
+        self._on_decision(decision.reason)
+        return Lease(inst, model, decision, self._clock() - waiter.since, cold)
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        """Drop a waiter that gave up; if it was granted meanwhile, hand the slot back."""
+        queue = self._queues.get(waiter.model)
+        if queue is not None and waiter in queue:
+            queue.remove(waiter)
+        future = waiter.future
+        if future.done() and not future.cancelled():
+            self.release(future.result())
+        else:
+            future.cancel()

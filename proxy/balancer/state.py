@@ -1,0 +1,176 @@
+"""What the router knows about each instance: health, loaded models, slots, in-flight, VRAM.
+
+``InstanceState`` is mutable and owned by the dispatcher and the monitor; policies never see it.
+They see ``InstanceView``, a frozen snapshot made for one decision, so that a policy is a pure
+function that tests can feed by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from proxy.names import normalize
+
+GIB = 1024**3
+_EWMA = 0.2
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadedModel:
+    """A model an instance has loaded, as its ``/api/ps`` says."""
+
+    name: str
+    size_vram: int
+    context_length: int
+
+
+@dataclass(kw_only=True)
+class InstanceState:
+    """The router's live picture of one Ollama server."""
+
+    name: str
+    url: str
+    slots: int
+    """OLLAMA_NUM_PARALLEL: parallel sequences per loaded model."""
+    gpu_uuids: tuple[str, ...] = ()
+    healthy: bool = False
+    """False until the first health check answers."""
+    draining: bool = False
+    failures: int = 0
+    loaded: dict[str, LoadedModel] = field(default_factory=dict)
+    loading: dict[str, int] = field(default_factory=dict)
+    """Models the proxy sent a cold request for, not yet seen in /api/ps -> reserved bytes."""
+    inflight: dict[str, int] = field(default_factory=dict)
+    memory_total: int = 0
+    memory_free: int | None = None
+    """Bytes free over the instance's GPUs; None until the GPU source answered."""
+    utilization: float = 0.0
+    version: str = ""
+
+    def inflight_total(self) -> int:
+        return sum(self.inflight.values())
+
+    def is_warm(self, model: str) -> bool:
+        return model in self.loaded or model in self.loading
+
+    def free_vram(self) -> int | None:
+        """Free memory less what loads in flight will take (the GPU source cannot see them yet)."""
+        if self.memory_free is None:
+            return None
+        return self.memory_free - sum(self.loading.values())
+
+    def view(self, model: str, *, slots: int, affinity: bool) -> InstanceView:
+        busy_models = {m for m, n in self.inflight.items() if n > 0}
+        return InstanceView(
+            name=self.name,
+            slots=slots,
+            inflight=self.inflight_total(),
+            inflight_model=self.inflight.get(model, 0),
+            warm=self.is_warm(model),
+            loading=bool(self.loading),
+            free_vram=self.free_vram(),
+            idle_models=len(set(self.loaded) - busy_models),
+            affinity=affinity,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class InstanceView:
+    """One healthy instance as a policy sees it for one request."""
+
+    name: str
+    slots: int
+    """Slots this instance has for the requested model."""
+    inflight: int
+    """Requests the proxy has in flight on this instance, all models."""
+    inflight_model: int
+    warm: bool
+    """The model is loaded there, or the proxy is loading it there."""
+    loading: bool
+    """Some model is loading there; Ollama loads one model at a time, so it counts as busy."""
+    free_vram: int | None
+    idle_models: int
+    """Loaded models with nothing in flight: what an eviction would cost least."""
+    affinity: bool = False
+    """The request's session last ran here (its prompt cache is warm)."""
+
+    @property
+    def available(self) -> bool:
+        """A slot is free for the model: the request can start there now, not wait inside Ollama."""
+        return self.inflight_model < self.slots
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouteRequest:
+    """What a policy needs to know about the request it places."""
+
+    model: str
+    est_size: int
+    """Estimated bytes the model takes when loaded (learned from /api/ps once seen)."""
+    queued_ahead: int = 0
+    """Requests for the same model already waiting in the proxy."""
+    service_s: float = 10.0
+    """Mean time one request of this model holds a slot."""
+    load_s: float = 5.0
+    """Estimated time to load the model on a new instance."""
+    session: str = ""
+
+
+@dataclass(kw_only=True)
+class ModelStats:
+    """What the proxy learned about one model from the traffic it relayed."""
+
+    size_vram: int = 0
+    service_s: float = 0.0
+    load_s: float = 0.0
+
+    def observe_service(self, seconds: float) -> None:
+        self.service_s = seconds if self.service_s == 0 else _ewma(self.service_s, seconds)
+
+    def observe_load(self, seconds: float) -> None:
+        self.load_s = seconds if self.load_s == 0 else _ewma(self.load_s, seconds)
+
+
+class ModelBook:
+    """Sizes and timings per model, shared by all instances (a model costs the same everywhere)."""
+
+    def __init__(self) -> None:
+        self._stats: dict[str, ModelStats] = {}
+        self._file_size: dict[str, int] = {}
+
+    def stats(self, model: str) -> ModelStats:
+        return self._stats.setdefault(normalize(model), ModelStats())
+
+    def set_file_size(self, model: str, size: int) -> None:
+        self._file_size[normalize(model)] = size
+
+    def known(self, model: str) -> bool:
+        return normalize(model) in self._file_size
+
+    def known_names(self) -> list[str]:
+        return sorted(self._file_size)
+
+    def estimate_size(self, model: str) -> int:
+        """Seen size in VRAM, else the file size plus room for KV cache and buffers."""
+        key = normalize(model)
+        seen = self._stats.get(key)
+        if seen is not None and seen.size_vram:
+            return seen.size_vram
+        size = self._file_size.get(key, 0)
+        return int(size * 1.25) + GIB // 2
+
+    def estimate_load_s(self, model: str) -> float:
+        """Seen load time, else Ollama's typical 1.5 s plus reading the file at ~5 GB/s."""
+        key = normalize(model)
+        seen = self._stats.get(key)
+        if seen is not None and seen.load_s:
+            return seen.load_s
+        return 1.5 + self._file_size.get(key, 4 * GIB) / 5e9
+
+    def estimate_service_s(self, model: str) -> float:
+        seen = self._stats.get(normalize(model))
+        return seen.service_s if seen is not None and seen.service_s else 10.0
+
+
+def _ewma(old: float, new: float) -> float:
+    return (1 - _EWMA) * old + _EWMA * new
