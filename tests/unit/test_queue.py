@@ -1,0 +1,143 @@
+"""The dispatcher: late binding, admission limits, timeouts, fairness and slot release."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from proxy.balancer.policies.vram_queue import VramQueue
+from proxy.balancer.queue import Dispatcher
+from proxy.balancer.state import InstanceState, LoadedModel, ModelBook
+from proxy.config import QueueConfig
+from proxy.errors import NoHealthyInstance, QueueFull, QueueTimeout
+
+GIB = 1024**3
+M = "llama3.1:8b"
+
+
+async def settle() -> None:
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+def instances(n: int = 2, slots: int = 2, warm: bool = True) -> list[InstanceState]:
+    out = []
+    for i in range(n):
+        inst = InstanceState(name=f"gpu{i}", url=f"http://127.0.0.1:{11435 + i}", slots=slots)
+        inst.healthy = True
+        inst.memory_free = 20 * GIB
+        if warm:
+            inst.loaded[M] = LoadedModel(name=M, size_vram=6 * GIB, context_length=4096)
+        out.append(inst)
+    return out
+
+
+def dispatcher(insts: list[InstanceState], **limits: float) -> tuple[Dispatcher, list[str]]:
+    reasons: list[str] = []
+    book = ModelBook()
+    book.set_file_size(M, 5 * GIB)
+    config = QueueConfig(**{"max_per_model": 8, "max_total": 16, "timeout": 5.0, **limits})  # type: ignore[arg-type]
+    return Dispatcher(insts, VramQueue(), book, config, on_decision=reasons.append), reasons
+
+
+async def test_binds_only_while_slots_are_free_then_queues_fifo() -> None:
+    insts = instances(n=2, slots=2)
+    d, reasons = dispatcher(insts)
+    leases = [await d.acquire(M) for _ in range(4)]
+    assert sorted(lease.instance.name for lease in leases) == ["gpu0", "gpu0", "gpu1", "gpu1"]
+    waiting = [asyncio.ensure_future(d.acquire(M)) for _ in range(2)]
+    await settle()
+    assert d.depth(M) == 2 and not any(w.done() for w in waiting)
+    d.release(leases[0])
+    await settle()
+    assert waiting[0].done() and not waiting[1].done()
+    assert waiting[0].result().instance is leases[0].instance
+    d.release(leases[1])
+    await settle()
+    assert waiting[1].done() and d.depth() == 0
+    assert reasons.count("queued") == 2 and reasons.count("warm") == 6
+
+
+async def test_admission_limits_per_model_and_total() -> None:
+    d, _ = dispatcher(instances(n=1, slots=1), max_per_model=2, max_total=2)
+    await d.acquire(M)
+    waiting = [asyncio.ensure_future(d.acquire(M)) for _ in range(2)]
+    await settle()
+    with pytest.raises(QueueFull, match="max_per_model"):
+        await d.acquire(M)
+    for w in waiting:
+        w.cancel()
+
+
+async def test_queue_timeout() -> None:
+    d, _ = dispatcher(instances(n=1, slots=1), timeout=0.05)
+    await d.acquire(M)
+    with pytest.raises(QueueTimeout):
+        await d.acquire(M)
+    assert d.depth() == 0
+
+
+async def test_cancelled_waiter_leaves_the_queue_and_loses_nothing() -> None:
+    insts = instances(n=1, slots=1)
+    d, _ = dispatcher(insts)
+    held = await d.acquire(M)
+    gone = asyncio.ensure_future(d.acquire(M))
+    behind = asyncio.ensure_future(d.acquire(M))
+    await settle()
+    gone.cancel()
+    await settle()
+    d.release(held)
+    lease = await asyncio.wait_for(behind, 1)
+    assert insts[0].inflight == {M: 1}
+    d.release(lease)
+    d.release(lease)  # releasing twice is harmless
+    assert insts[0].inflight == {}
+
+
+async def test_no_healthy_instance_is_immediate() -> None:
+    insts = instances()
+    for inst in insts:
+        inst.healthy = False
+    d, _ = dispatcher(insts)
+    with pytest.raises(NoHealthyInstance):
+        await d.acquire(M)
+
+
+async def test_exclude_skips_an_instance_for_the_retry() -> None:
+    d, _ = dispatcher(instances(n=2))
+    lease = await d.acquire(M, exclude=["gpu0"])
+    assert lease.instance.name == "gpu1"
+
+
+async def test_cold_bind_reserves_vram_until_first_byte() -> None:
+    insts = instances(n=2, warm=False)
+    d, reasons = dispatcher(insts)
+    lease = await d.acquire(M)
+    assert lease.cold and reasons == ["cold_fit"]
+    inst = lease.instance
+    assert inst.free_vram() is not None and inst.free_vram() < 20 * GIB
+    second = await d.acquire(M)  # warm (loading) there: joins it, does not load a second copy
+    assert second.instance is inst and not second.cold
+    d.loaded(lease)
+    assert M in inst.loaded and inst.free_vram() == 20 * GIB
+    d.release(lease)
+    d.release(second)
+
+
+async def test_models_are_served_in_turn() -> None:
+    other = "qwen2.5:7b"
+    insts = instances(n=1, slots=1)
+    insts[0].loaded[other] = LoadedModel(name=other, size_vram=5 * GIB, context_length=4096)
+    d, _ = dispatcher(insts)
+    a = await d.acquire(M)
+    b = await d.acquire(other)
+    queued_a = asyncio.ensure_future(d.acquire(M))
+    queued_b = asyncio.ensure_future(d.acquire(other))
+    await settle()
+    d.release(b)  # a slot of `other` frees: its waiter goes although M's waiter is older
+    await settle()
+    assert queued_b.done() and not queued_a.done()
+    d.release(a)
+    await settle()
+    assert queued_a.done()
