@@ -1,21 +1,21 @@
 """The one exception tree of ollamux; edges (HTTP, CLI) translate it, nothing else does.
 
-    OllamuxError
-    ├── ConfigError            bad config file: names the file, the field path and a fix (CLI exit 2)
-    ├── LaunchError            an instance could not be started or did not become ready
-    ├── RoutingError           the proxy cannot place a request now (HTTP 503 + Retry-After)
-    │   ├── QueueFull          the model's (or the total) wait queue is at its limit
-    │   ├── QueueTimeout       the request waited longer than queue.timeout for a slot
-    │   └── NoHealthyInstance  no instance answers its health check
-    ├── UpstreamError          an exchange with an instance failed (retried before the first byte)
-    │   ├── UpstreamConnectError   could not connect, or the connection broke
-    │   ├── UpstreamTimeout        no answer in time
-    │   └── UpstreamStatus         answered 5xx before the first byte of a body we relay
-    └── EmulatorError          the emulated Ollama refuses a request; carries Ollama's status and text
-        ├── ModelNotFound      the model is not in the emulator's store (404; wording per endpoint)
-        ├── BadRequest         400 with Ollama's message
-        ├── ServerBusy         OLLAMA_MAX_QUEUE exceeded (503, Ollama's exact body)
-        └── RunnerFailed       the model runner failed (500); mid-stream it ends the stream instead
+OllamuxError
+├── ConfigError            bad config file: names the file, the field path and a fix (CLI exit 2)
+├── LaunchError            an instance could not be started or did not become ready
+├── RoutingError           the proxy cannot place a request now (HTTP 503 + Retry-After)
+│   ├── QueueFull          the model's (or the total) wait queue is at its limit
+│   ├── QueueTimeout       the request waited longer than queue.timeout for a slot
+│   └── NoHealthyInstance  no instance answers its health check
+├── UpstreamError          an exchange with an instance failed (retried before the first byte)
+│   ├── UpstreamConnectError   could not connect, or the connection broke
+│   ├── UpstreamTimeout        no answer in time
+│   └── UpstreamStatus         answered 5xx before the first byte of a body we relay
+└── EmulatorError          the emulated Ollama refuses a request; carries Ollama's status and text
+    ├── ModelNotFound      the model is not in the emulator's store (404; wording per endpoint)
+    ├── BadRequest         400 with Ollama's message
+    ├── ServerBusy         OLLAMA_MAX_QUEUE exceeded (503, Ollama's exact body)
+    └── RunnerFailed       the model runner failed (500); mid-stream it ends the stream instead
 """
 
 from __future__ import annotations

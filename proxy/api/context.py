@@ -1,0 +1,48 @@
+"""What every handler shares, under one typed AppKey: the router, the forwarder and friends."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from proxy.balancer.monitor import Monitor
+from proxy.balancer.queue import Dispatcher
+from proxy.balancer.state import InstanceState, ModelBook
+from proxy.config import Config
+from proxy.forward import Forwarder
+from proxy.metrics import Metrics
+
+
+@dataclass(eq=False)
+class Proxy:
+    """The proxy's live parts; built in ``app.py``'s cleanup context, used by the handlers."""
+
+    config: Config
+    instances: list[InstanceState]
+    book: ModelBook
+    dispatcher: Dispatcher
+    metrics: Metrics
+    model_label: Callable[[str], str]
+    session: aiohttp.ClientSession | None = None
+    forwarder: Forwarder | None = None
+    monitor: Monitor | None = None
+    pulls: dict[str, Any] = field(default_factory=dict)
+    """Pulls in progress by model (see api/pull.py)."""
+
+    def healthy(self) -> list[InstanceState]:
+        return [i for i in self.instances if i.healthy and not i.draining]
+
+    def client(self) -> aiohttp.ClientSession:
+        assert self.session is not None, "used outside the app's lifetime"
+        return self.session
+
+    def fwd(self) -> Forwarder:
+        assert self.forwarder is not None, "used outside the app's lifetime"
+        return self.forwarder
+
+
+PROXY = web.AppKey("proxy", Proxy)

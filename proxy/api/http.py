@@ -1,0 +1,68 @@
+"""Error bodies as Ollama writes them, and the one middleware that turns our errors into HTTP."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from proxy.errors import OllamuxError, QueueFull, RoutingError
+
+log = logging.getLogger("ollamux.access")
+
+_OPENAI_TYPES = {400: "invalid_request_error", 404: "not_found_error"}
+
+
+def is_openai(path: str) -> bool:
+    return path.startswith("/v1/")
+
+
+def error_body(path: str, status: int, message: str) -> bytes:
+    """``{"error": msg}`` natively; OpenAI's error object under /v1 (ollama.md §4, §5)."""
+    if is_openai(path):
+        payload: object = {
+            "error": {
+                "message": message,
+                "type": _OPENAI_TYPES.get(status, "api_error"),
+                "param": None,
+                "code": None,
+            }
+        }
+    else:
+        payload = {"error": message}
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+def error_response(
+    path: str, status: int, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        status=status,
+        body=error_body(path, status, message),
+        content_type="application/json",
+        charset="utf-8",
+        headers=headers,
+    )
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The seam: RoutingError -> 503 + Retry-After; aiohttp's 404/405 -> Ollama's plain texts."""
+    try:
+        return await handler(request)
+    except RoutingError as exc:
+        status = 503
+        log.info("%s %s rejected: %s", request.method, request.path, exc.message)
+        if isinstance(exc, QueueFull):
+            request["rejected"] = "queue_full"
+        headers = {"Retry-After": str(exc.retry_after)}
+        return error_response(request.path, status, exc.message, headers)
+    except web.HTTPMethodNotAllowed:
+        return web.Response(status=405, text="405 method not allowed")
+    except web.HTTPNotFound:
+        return web.Response(status=404, text="404 page not found")
+    except OllamuxError as exc:  # a bug if it gets here: say so without a traceback to the client
+        log.exception("unhandled %s", type(exc).__name__)
+        return error_response(request.path, 500, str(exc))

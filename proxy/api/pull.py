@@ -1,0 +1,112 @@
+"""``/api/pull`` single-flight: one download per model into the shared store, progress to all.
+
+The instances share one model directory, and Ollama has no cross-process lock on it (ollama.md §8),
+so two instances pulling the same model at once could corrupt it. The proxy sends one pull to one
+instance and streams its progress to every client that asks for the same model meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from proxy.api import relay
+from proxy.api.context import PROXY, Proxy
+from proxy.api.http import error_response
+from proxy.names import is_valid, normalize
+
+
+@dataclass(eq=False)
+class _Pull:
+    lines: list[bytes] = field(default_factory=list)
+    done: bool = False
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+    def add(self, line: bytes) -> None:
+        self.lines.append(line)
+        self.changed.set()
+
+    def finish(self) -> None:
+        self.done = True
+        self.changed.set()
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    proxy = request.app[PROXY]
+    body = await request.read()
+    try:
+        data = json.loads(body)
+        name = data.get("model") or data.get("name")
+        stream = data.get("stream", True) is not False
+    except (ValueError, AttributeError):
+        return await relay.passthrough(request, body)
+    if not isinstance(name, str) or not is_valid(name) or not proxy.healthy():
+        return await relay.passthrough(request, body)
+    key = normalize(name).lower()
+    pulls: dict[str, _Pull] = proxy.pulls
+    job = pulls.get(key)
+    if job is None or job.done:
+        job = pulls[key] = _Pull()
+        upstream_body = json.dumps({**data, "stream": True}).encode()
+        job.task = asyncio.get_running_loop().create_task(_run(proxy, job, upstream_body))
+    if not stream:
+        while not job.done:
+            job.changed.clear()
+            await job.changed.wait()
+        return _summary(request, job)
+    out = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await out.prepare(request)
+    sent = 0
+    while True:
+        while sent < len(job.lines):
+            await out.write(job.lines[sent] + b"\n")
+            sent += 1
+        if job.done:
+            break
+        job.changed.clear()
+        if sent == len(job.lines):
+            await job.changed.wait()
+    await out.write_eof()
+    return out
+
+
+async def _run(proxy: Proxy, job: _Pull, body: bytes) -> None:
+    """Pull through the first healthy instance; it keeps going if every client leaves."""
+    inst = proxy.healthy()[0]
+    try:
+        async with proxy.client().post(inst.url + "/api/pull", data=body) as resp:
+            if resp.status != 200:
+                text = (await resp.read()).strip() or b'{"error":"pull failed"}'
+                job.add(text)
+                return
+            buffer = b""
+            async for chunk in resp.content.iter_any():
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        job.add(line)
+            if buffer.strip():
+                job.add(buffer)
+    except Exception as exc:  # the pull's clients get the reason, as Ollama's error line
+        job.add(json.dumps({"error": f"pull failed: {exc or type(exc).__name__}"}).encode())
+    finally:
+        job.finish()
+        if proxy.monitor is not None:
+            await proxy.monitor.refresh_tags()
+
+
+def _summary(request: web.Request, job: _Pull) -> web.Response:
+    """stream:false: the last status, or the error with 500 as Ollama answers it."""
+    last = json.loads(job.lines[-1]) if job.lines else {"error": "pull failed"}
+    if "error" in last:
+        return error_response(request.path, 500, str(last["error"]))
+    return web.Response(
+        text=json.dumps(last, separators=(",", ":")),
+        content_type="application/json",
+        charset="utf-8",
+    )

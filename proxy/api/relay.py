@@ -1,0 +1,283 @@
+"""Routes one model request: queue for a slot, forward, retry once before the first byte, relay.
+
+Everything about the request that is not needed to route it is left to the instance: a body that
+is not JSON, a missing or unknown model, a bad option, all go to one instance as they came, so the
+client gets exactly Ollama's status and error text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from proxy.api.context import PROXY, Proxy
+from proxy.api.http import error_body, error_response
+from proxy.balancer.queue import Lease
+from proxy.balancer.state import InstanceState
+from proxy.errors import UpstreamConnectError, UpstreamError, UpstreamStatus
+from proxy.forward import StreamWatcher
+from proxy.names import normalize
+
+log = logging.getLogger("ollamux.access")
+
+ATTEMPTS = 2
+"""One try plus one retry on another instance, only before the first byte."""
+SESSION_HEADER = "X-OpenWebUI-Chat-Id"
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """The little the proxy reads from a request body to route it."""
+
+    model: str
+    session: str
+    unload: bool
+    """An empty prompt with keep_alive 0: Ollama's way to unload a model."""
+
+
+def parse(body: bytes, headers: Any) -> ModelRequest | None:
+    """The model and session of a JSON body, or None when the body is for the instance to judge."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        return None
+    messages = data.get("messages")
+    session = headers.get(SESSION_HEADER, "")
+    if not session and isinstance(messages, list) and messages:
+        first = json.dumps(messages[:2], sort_keys=True, default=str).encode()
+        session = hashlib.sha256(model.encode() + first).hexdigest()[:16]
+    empty = not data.get("prompt") and not messages
+    keep_alive = data.get("keep_alive")
+    unload = empty and keep_alive in (0, "0", "0s", 0.0) and "input" not in data
+    return ModelRequest(model=model, session=session, unload=unload)
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    """Any request that names a model in its JSON body: /api/chat, /v1/chat/completions, ..."""
+    proxy = request.app[PROXY]
+    body = await request.read()
+    info = parse(body, request.headers)
+    if info is None or not proxy.book.known(info.model):
+        return await passthrough(request, body)
+    if info.unload:
+        return await _unload_everywhere(request, body, info)
+    return await _routed(proxy, request, body, info)
+
+
+async def _routed(
+    proxy: Proxy, request: web.Request, body: bytes, info: ModelRequest
+) -> web.StreamResponse:
+    started = time.monotonic()
+    rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:12]
+    label = proxy.model_label(info.model)
+    tried: list[str] = []
+    failure: UpstreamError | None = None
+    for attempt in range(ATTEMPTS):
+        lease = await proxy.dispatcher.acquire(info.model, session=info.session, exclude=tried)
+        proxy.metrics.queue_wait.labels(label).observe(lease.queued_s)
+        if attempt:
+            proxy.metrics.retries.inc()
+        try:
+            resp = await proxy.fwd().open(
+                lease.instance, request.method, request.path_qs, request.headers, body
+            )
+        except UpstreamError as exc:
+            proxy.dispatcher.release(lease)
+            _count_failure(proxy, lease.instance, exc)
+            tried.append(lease.instance.name)
+            failure = exc
+            continue
+        return await _relay(proxy, request, resp, lease, rid=rid, started=started, label=label)
+    assert failure is not None
+    _log(rid, request, info.model, tried[-1] if tried else "-", "failed", 0.0, None, 502, started)
+    proxy.metrics.requests.labels(request.path, label, tried[-1], "502").inc()
+    if isinstance(failure, UpstreamStatus):
+        return web.Response(status=failure.status, body=failure.body, headers=failure.headers)
+    return error_response(request.path, 502, f"no instance could answer: {failure.message}")
+
+
+async def _relay(
+    proxy: Proxy,
+    request: web.Request,
+    resp: aiohttp.ClientResponse,
+    lease: Lease,
+    *,
+    rid: str,
+    started: float,
+    label: str,
+) -> web.StreamResponse:
+    inst = lease.instance
+    proxy.dispatcher.loaded(lease)
+    watcher = StreamWatcher()
+    broken: str | None = None
+    try:
+        out, broken = await proxy.fwd().relay(resp, request, watcher)
+    finally:
+        resp.close()  # also on cancellation: dropping the connection stops the generation
+        proxy.dispatcher.release(lease)
+    duration = time.monotonic() - started
+    ttft = (watcher.first_byte - started) if watcher.first_byte else None
+    _account(proxy, lease, label, watcher.final, duration, ttft)
+    if broken:
+        proxy.metrics.upstream_errors.labels(inst.name, "midstream").inc()
+    status = out.status
+    proxy.metrics.requests.labels(request.path, label, inst.name, str(status)).inc()
+    _log(
+        rid,
+        request,
+        lease.model,
+        inst.name,
+        lease.decision.reason,
+        lease.queued_s,
+        ttft,
+        status,
+        started,
+        final=watcher.final,
+        broken=broken,
+    )
+    return out
+
+
+def _account(
+    proxy: Proxy,
+    lease: Lease,
+    label: str,
+    final: dict[str, Any] | None,
+    duration: float,
+    ttft: float | None,
+) -> None:
+    metrics = proxy.metrics
+    metrics.duration.labels(label).observe(duration)
+    if ttft is not None:
+        metrics.ttft.labels(label).observe(ttft)
+    stats = proxy.book.stats(lease.model)
+    stats.observe_service(max(duration - lease.queued_s, 0.0))
+    if lease.cold:
+        metrics.model_loads.labels(lease.instance.name, label).inc()
+    if not final:
+        return
+    load_ns = final.get("load_duration")
+    if lease.cold and isinstance(load_ns, int) and load_ns > 0:
+        stats.observe_load(load_ns / 1e9)
+    usage = final.get("usage") if isinstance(final.get("usage"), dict) else None
+    prompt = final.get("prompt_eval_count") or (usage or {}).get("prompt_tokens") or 0
+    generated = final.get("eval_count") or (usage or {}).get("completion_tokens") or 0
+    if prompt:
+        metrics.tokens.labels(lease.instance.name, label, "prompt").inc(prompt)
+    if generated:
+        metrics.tokens.labels(lease.instance.name, label, "eval").inc(generated)
+
+
+def _count_failure(proxy: Proxy, inst: InstanceState, exc: UpstreamError) -> None:
+    proxy.metrics.upstream_errors.labels(inst.name, exc.kind).inc()
+    if proxy.monitor is not None:
+        proxy.monitor.report_failure(inst, connect=isinstance(exc, UpstreamConnectError))
+    log.warning("instance %s failed before the first byte: %s", inst.name, exc.message)
+
+
+async def passthrough(request: web.Request, body: bytes | None = None) -> web.StreamResponse:
+    """Send the request as is to one healthy instance (the one that has the model, if any)."""
+    proxy = request.app[PROXY]
+    if body is None:
+        body = await request.read()
+    targets = proxy.healthy()
+    if not targets:
+        return error_response(
+            request.path, 503, "no healthy Ollama instance is available", {"Retry-After": "5"}
+        )
+    last: UpstreamError | None = None
+    for inst in targets[:ATTEMPTS]:
+        try:
+            resp = await proxy.fwd().open(
+                inst, request.method, request.path_qs, request.headers, body
+            )
+        except UpstreamError as exc:
+            _count_failure(proxy, inst, exc)
+            last = exc
+            continue
+        try:
+            out, _ = await proxy.fwd().relay(resp, request, StreamWatcher())
+        finally:
+            resp.close()
+        return out
+    if isinstance(last, UpstreamStatus):
+        return web.Response(status=last.status, body=last.body, headers=last.headers)
+    message = last.message if last else "no instance answered"
+    return web.Response(
+        status=502, body=error_body(request.path, 502, message), content_type="application/json"
+    )
+
+
+async def _unload_everywhere(
+    request: web.Request, body: bytes, info: ModelRequest
+) -> web.StreamResponse:
+    """keep_alive 0 with an empty prompt unloads the model on every instance that has it."""
+    proxy = request.app[PROXY]
+    model = normalize(info.model)
+    holders = [i for i in proxy.healthy() if model in i.loaded] or proxy.healthy()[:1]
+    if not holders:
+        return await passthrough(request, body)
+    session = proxy.client()
+    headers = {"Content-Type": "application/json"}
+
+    async def one(inst: InstanceState) -> tuple[int, bytes]:
+        async with session.post(inst.url + request.path, data=body, headers=headers) as resp:
+            return resp.status, await resp.read()
+
+    results = await asyncio.gather(*(one(i) for i in holders), return_exceptions=True)
+    for inst in holders:
+        inst.loaded.pop(model, None)
+    answered = [r for r in results if isinstance(r, tuple)]
+    if not answered:
+        return error_response(request.path, 502, "no instance answered the unload")
+    status, payload = answered[0]
+    return web.Response(
+        status=status, body=payload, content_type="application/json", charset="utf-8"
+    )
+
+
+def _log(
+    rid: str,
+    request: web.Request,
+    model: str,
+    instance: str,
+    decision: str,
+    queued: float,
+    ttft: float | None,
+    status: int,
+    started: float,
+    *,
+    final: dict[str, Any] | None = None,
+    broken: str | None = None,
+) -> None:
+    tokens = (final or {}).get("eval_count", "-")
+    log.info(
+        "id=%s %s %s model=%s instance=%s decision=%s queue_wait=%.3f ttft=%s tokens=%s "
+        "status=%d duration=%.3f%s",
+        rid,
+        request.method,
+        request.path,
+        model,
+        instance,
+        decision,
+        queued,
+        f"{ttft:.3f}" if ttft is not None else "-",
+        tokens,
+        status,
+        time.monotonic() - started,
+        f" error={broken!r}" if broken else "",
+    )
