@@ -8,7 +8,8 @@ import logging
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy.errors import OllamuxError, QueueFull, RoutingError
+from proxy.api.context import PROXY
+from proxy.errors import OllamuxError, QueueFull, QueueTimeout, RoutingError
 
 log = logging.getLogger("ollamux.access")
 
@@ -55,8 +56,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except RoutingError as exc:
         status = 503
         log.info("%s %s rejected: %s", request.method, request.path, exc.message)
-        if isinstance(exc, QueueFull):
-            request["rejected"] = "queue_full"
+        reason = {QueueFull: "queue_full", QueueTimeout: "queue_timeout"}.get(
+            type(exc), "no_instance"
+        )
+        request.app[PROXY].metrics.rejected.labels(reason).inc()
         headers = {"Retry-After": str(exc.retry_after)}
         return error_response(request.path, status, exc.message, headers)
     except web.HTTPMethodNotAllowed:

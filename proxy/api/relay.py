@@ -32,6 +32,7 @@ log = logging.getLogger("ollamux.access")
 ATTEMPTS = 2
 """One try plus one retry on another instance, only before the first byte."""
 SESSION_HEADER = "X-OpenWebUI-Chat-Id"
+STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,8 @@ async def _relay(
         proxy.dispatcher.release(lease)
     duration = time.monotonic() - started
     ttft = (watcher.first_byte - started) if watcher.first_byte else None
-    _account(proxy, lease, label, watcher.final, duration, ttft)
+    streamed = out.headers.get("Content-Type", "").startswith(STREAM_TYPES)
+    _account(proxy, lease, label, watcher.final, duration, ttft, streamed=streamed)
     if broken:
         proxy.metrics.upstream_errors.labels(inst.name, "midstream").inc()
     status = out.status
@@ -159,20 +161,24 @@ def _account(
     final: dict[str, Any] | None,
     duration: float,
     ttft: float | None,
+    *,
+    streamed: bool,
 ) -> None:
     metrics = proxy.metrics
     metrics.duration.labels(label).observe(duration)
     if ttft is not None:
         metrics.ttft.labels(label).observe(ttft)
+    # Timings are learned in the proxy's own clock (an emulator may run compressed time): a warm
+    # request's slot time is its service time; a cold stream's first byte bounds its load time.
     stats = proxy.book.stats(lease.model)
-    stats.observe_service(max(duration - lease.queued_s, 0.0))
     if lease.cold:
         metrics.model_loads.labels(lease.instance.name, label).inc()
+        if streamed and ttft is not None:
+            stats.observe_load(max(ttft - lease.queued_s, 0.0))
+    else:
+        stats.observe_service(max(duration - lease.queued_s, 0.0))
     if not final:
         return
-    load_ns = final.get("load_duration")
-    if lease.cold and isinstance(load_ns, int) and load_ns > 0:
-        stats.observe_load(load_ns / 1e9)
     usage = final.get("usage") if isinstance(final.get("usage"), dict) else None
     prompt = final.get("prompt_eval_count") or (usage or {}).get("prompt_tokens") or 0
     generated = final.get("eval_count") or (usage or {}).get("completion_tokens") or 0

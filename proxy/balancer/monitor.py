@@ -97,9 +97,9 @@ class Monitor:
 
     def _set_health(self, inst: InstanceState, healthy: bool, why: str) -> None:
         if inst.healthy != healthy:
-            log.warning(
-                "instance %s (%s) is %s: %s", inst.name, inst.url, "up" if healthy else "down", why
-            )
+            level = logging.INFO if healthy else logging.WARNING
+            state = "up" if healthy else "down"
+            log.log(level, "instance %s (%s) is %s: %s", inst.name, inst.url, state, why)
             inst.healthy = healthy
             self._on_change()
 

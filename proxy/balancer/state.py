@@ -67,9 +67,11 @@ class InstanceState:
             inflight=self.inflight_total(),
             inflight_model=self.inflight.get(model, 0),
             warm=self.is_warm(model),
+            model_loading=model in self.loading,
             loading=bool(self.loading),
             free_vram=self.free_vram(),
             idle_models=len(set(self.loaded) - busy_models),
+            loaded_models=len(self.loaded) + len(self.loading),
             affinity=affinity,
         )
 
@@ -86,18 +88,22 @@ class InstanceView:
     inflight_model: int
     warm: bool
     """The model is loaded there, or the proxy is loading it there."""
+    model_loading: bool = False
+    """The proxy is loading this very model there: nothing else can start on it until it is up."""
     loading: bool
     """Some model is loading there; Ollama loads one model at a time, so it counts as busy."""
     free_vram: int | None
     idle_models: int
     """Loaded models with nothing in flight: what an eviction would cost least."""
+    loaded_models: int = 0
+    """Models loaded or loading there: each competes with a new one for the GPU's compute."""
     affinity: bool = False
     """The request's session last ran here (its prompt cache is warm)."""
 
     @property
     def available(self) -> bool:
         """A slot is free for the model: the request can start there now, not wait inside Ollama."""
-        return self.inflight_model < self.slots
+        return not self.model_loading and self.inflight_model < self.slots
 
 
 @dataclass(frozen=True, kw_only=True)

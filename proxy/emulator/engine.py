@@ -184,7 +184,15 @@ class Engine:
 
     def queued(self) -> int:
         """Requests waiting for the scheduler plus those waiting for a slot."""
-        return len(self._pending) + sum(r.waiting for r in self._runners.values())
+        return len(self._pending) + self.waiting_for_slot()
+
+    def waiting_for_slot(self) -> int:
+        """Requests whose model is loaded but whose slots are all busy (Ollama's unbounded wait)."""
+        return sum(r.waiting for r in self._runners.values())
+
+    def pending(self) -> int:
+        """Requests waiting for the scheduler (a load, a reload or an eviction)."""
+        return len(self._pending)
 
     # --- acquiring and releasing runners ---------------------------------------------------------
 

@@ -110,19 +110,32 @@ async def test_exclude_skips_an_instance_for_the_retry() -> None:
     assert lease.instance.name == "gpu1"
 
 
-async def test_cold_bind_reserves_vram_until_first_byte() -> None:
+async def test_cold_bind_reserves_vram_and_holds_others_until_the_load_is_done() -> None:
     insts = instances(n=2, warm=False)
     d, reasons = dispatcher(insts)
+    d.book.stats(M).observe_service(1.0)  # short requests: waiting beats loading a replica
     lease = await d.acquire(M)
     assert lease.cold and reasons == ["cold_fit"]
     inst = lease.instance
-    assert inst.free_vram() is not None and inst.free_vram() < 20 * GIB
-    second = await d.acquire(M)  # warm (loading) there: joins it, does not load a second copy
-    assert second.instance is inst and not second.cold
+    free = inst.free_vram()
+    assert free is not None and free < 20 * GIB
+    second = asyncio.ensure_future(d.acquire(M))
+    await settle()
+    assert not second.done()  # nothing can start there while the model loads
     d.loaded(lease)
     assert M in inst.loaded and inst.free_vram() == 20 * GIB
+    joined = await asyncio.wait_for(second, 1)
+    assert joined.instance is inst and not joined.cold
     d.release(lease)
-    d.release(second)
+    d.release(joined)
+
+
+async def test_a_long_queue_behind_a_load_scales_out() -> None:
+    d, reasons = dispatcher(instances(n=2, warm=False))
+    d.book.stats(M).observe_service(60.0)
+    first = await d.acquire(M)
+    second = await d.acquire(M)
+    assert second.instance is not first.instance and reasons == ["cold_fit", "scale_out"]
 
 
 async def test_models_are_served_in_turn() -> None:

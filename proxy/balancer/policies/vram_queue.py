@@ -20,8 +20,9 @@ class VramQueue:
     2. warm instances all busy: wait, unless the expected wait behind them (queued x service time
        / their slots) exceeds the load time of a replica on an idle instance whose free VRAM fits
        the model: then load one there (scale-out);
-    3. not warm anywhere: the instance whose free VRAM fits the model without eviction, most free
-       first; else the one where an eviction disturbs least (idle models, nothing in flight).
+    3. not warm anywhere: an instance whose free VRAM fits the model without eviction, the one
+       with fewest models sharing its GPU first, then most free; else the one where an eviction
+       disturbs least (idle models, nothing in flight).
     An instance already loading a model counts as busy for new loads: Ollama loads one at a time.
     """
 
@@ -45,9 +46,9 @@ class VramQueue:
             expected_wait = (request.queued_ahead + 1) * request.service_s / capacity
             if expected_wait <= request.load_s:
                 return None
-            return Decision(_most_free(fits).name, "scale_out")
+            return Decision(_roomiest(fits).name, "scale_out")
         if fits:
-            return Decision(_most_free(fits).name, "cold_fit")
+            return Decision(_roomiest(fits).name, "cold_fit")
         if can_load:
             calmest = min(can_load, key=lambda v: (v.inflight, -v.idle_models, -(v.free_vram or 0)))
             return Decision(calmest.name, "evict")
@@ -64,5 +65,6 @@ class VramQueue:
         return Decision(best.name, "warm")
 
 
-def _most_free(views: list[InstanceView]) -> InstanceView:
-    return max(views, key=lambda v: (v.free_vram or 0, -v.inflight, v.name))
+def _roomiest(views: list[InstanceView]) -> InstanceView:
+    """Fewest models sharing the GPU (they would compete for its compute), then most free VRAM."""
+    return min(views, key=lambda v: (v.loaded_models, -(v.free_vram or 0), v.inflight, v.name))
