@@ -23,10 +23,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from proxy.config import GIB, ModelSpec
-from proxy.emulator import text
 from proxy.emulator.clock import Clock
 from proxy.emulator.events import (
-    Done,
     EmbedResult,
     Event,
     Faults,
@@ -35,14 +33,13 @@ from proxy.emulator.events import (
     Loaded,
     LoadedModel,
     ServerSettings,
-    Token,
 )
 from proxy.emulator.meter import BusyMeter
-from proxy.emulator.runner import Placement, Runner
+from proxy.emulator.placement import Placement, fit, spill
+from proxy.emulator.runner import Runner
+from proxy.emulator.sequence import embed_one, run_sequence
 from proxy.errors import RunnerFailed, ServerBusy
 
-OVERHEAD_BYTES = int(0.3 * GIB)
-"""CUDA context and compute buffer per GPU a runner uses."""
 LOAD_FIXED_S = 1.5
 """Runner spawn and CUDA init before the weights are read (performance.md §1e)."""
 FAST_PATH_S = 2e-5
@@ -101,7 +98,15 @@ class Engine:
             yield Loaded(load_duration)
             await runner.acquire_slot()
             try:
-                async for event in self._run_sequence(runner, req, load_duration):
+                events = run_sequence(
+                    runner,
+                    req,
+                    clock=self.clock,
+                    contention=lambda: self._contention(runner),
+                    faults=self.faults,
+                    load_duration=load_duration,
+                )
+                async for event in events:
                     yield event
             finally:
                 runner.release_slot()
@@ -139,7 +144,14 @@ class Engine:
         load_duration = max(self.clock.now() - t0, FAST_PATH_S)
         try:
             counts = [min(len(tokens), runner.num_ctx) for tokens in inputs]
-            await asyncio.gather(*(self._embed_one(runner, n) for n in counts))
+            await asyncio.gather(
+                *(
+                    embed_one(
+                        runner, n, clock=self.clock, contention=lambda: self._contention(runner)
+                    )
+                    for n in counts
+                )
+            )
         finally:
             self._release(runner)
         return EmbedResult(
@@ -303,7 +315,7 @@ class Engine:
                 if self._runners:
                     await self._evict(self._victim())
                     continue
-                placement = self._spill(p.model, ctx)
+                placement = spill(self.need_bytes(p.model, ctx), self._free())
             await self._load(p, placement, ctx)
             return
 
@@ -364,43 +376,23 @@ class Engine:
 
     def _place_with_tiers(self, p: _Pending) -> tuple[Placement | None, int]:
         """Place at the request's context; an automatic one steps down a tier on an empty box."""
-        placement = self._place(p.model, p.num_ctx)
+        placement = fit(
+            self.need_bytes(p.model, p.num_ctx), self._free(), spread=self.settings.spread
+        )
         if placement is not None or not p.auto_ctx or self._runners:
             return placement, p.num_ctx
         for tier in _TIERS:
             ctx = min(tier, p.model.context_length)
             if ctx < p.num_ctx:
-                placement = self._place(p.model, ctx)
+                placement = fit(
+                    self.need_bytes(p.model, ctx), self._free(), spread=self.settings.spread
+                )
                 if placement is not None:
                     return placement, ctx
         return None, p.num_ctx
 
-    def _place(self, model: ModelSpec, ctx: int) -> Placement | None:
-        need = self.need_bytes(model, ctx)
-        free = {i: self._available(i) for i in range(len(self.settings.gpus))}
-        if not free:
-            return None
-        if not self.settings.spread:
-            best = max(free, key=lambda i: (free[i], -i))
-            if need + OVERHEAD_BYTES <= free[best]:
-                return Placement(vram={best: need + OVERHEAD_BYTES})
-        usable = {i: f - OVERHEAD_BYTES for i, f in free.items() if f > OVERHEAD_BYTES}
-        can_split = len(self.settings.gpus) > 1 or self.settings.spread
-        if can_split and usable and sum(usable.values()) >= need:
-            return Placement(vram=_split(need, usable, OVERHEAD_BYTES))
-        return None
-
-    def _spill(self, model: ModelSpec, ctx: int) -> Placement:
-        """The first model always loads: what does not fit on the GPUs runs from system RAM."""
-        need = self.need_bytes(model, ctx)
-        usable = {
-            i: self._available(i) - OVERHEAD_BYTES
-            for i in range(len(self.settings.gpus))
-            if self._available(i) > OVERHEAD_BYTES
-        }
-        on_gpu = min(sum(usable.values()), need)
-        vram = _split(on_gpu, usable, OVERHEAD_BYTES) if on_gpu > 0 else {}
-        return Placement(vram=vram, cpu_bytes=need - on_gpu)
+    def _free(self) -> dict[int, int]:
+        return {i: self._available(i) for i in range(len(self.settings.gpus))}
 
     # --- timing of one sequence ------------------------------------------------------------------
 
@@ -420,68 +412,9 @@ class Engine:
         ]
         return max([1.0, *load]) * self.faults.slow
 
-    async def _run_sequence(
-        self, runner: Runner, req: GenerateRequest, load_duration: float
-    ) -> AsyncIterator[Event]:
-        prompt = req.prompt_tokens[-runner.num_ctx :]
-        cached = runner.cached_prefix(prompt)
-        to_eval = max(len(prompt) - cached, 1)
-        started = self.clock.now()
-        prefill = runner.prefill_time(to_eval, self._contention(runner))
-        runner.stall_until = max(runner.stall_until, started) + prefill
-        await self.clock.sleep(prefill)
-        prompt_eval_duration = self.clock.now() - started
-
-        seed = text.seed_for(req.model.name, prompt, req.seed)
-        limited = req.num_predict is not None and req.num_predict >= 0
-        target = req.num_predict if limited and req.num_predict is not None else None
-        if target is None:
-            target = text.natural_length(seed)
-        target = min(target, 10 * runner.num_ctx)
-        words = text.answer_tokens(seed)
-        produced: list[str] = []
-        decode_start = due = self.clock.now()
-        runner.decoding += 1
-        try:
-            while len(produced) < target:
-                dies_at = self.faults.die_after_tokens
-                if dies_at is not None and len(produced) >= dies_at:
-                    raise RunnerFailed(self.faults.fail_message)
-                due = max(due, runner.stall_until) + runner.token_interval(self._contention(runner))
-                delay = due - self.clock.now()
-                if delay > 0:
-                    await self.clock.sleep(delay)
-                token = next(words)
-                produced.append(token)
-                yield Token(token)
-        finally:
-            runner.decoding -= 1
-        runner.remember(tuple(prompt) + tuple(produced))
-        yield Done(
-            done_reason="length" if limited else "stop",
-            load_duration=load_duration,
-            prompt_eval_count=len(prompt),
-            prompt_eval_duration=prompt_eval_duration,
-            eval_count=len(produced),
-            eval_duration=self.clock.now() - decode_start,
-        )
-
-    async def _embed_one(self, runner: Runner, tokens: int) -> None:
-        await runner.acquire_slot()
-        try:
-            await self.clock.sleep(runner.prefill_time(max(tokens, 1), self._contention(runner)))
-        finally:
-            runner.release_slot()
-
     async def _faults_before_start(self) -> None:
         if self.faults.hang:
             await asyncio.Event().wait()  # never set: the request hangs until the client leaves
         if self.faults.fail_next > 0:
             self.faults.fail_next -= 1
             raise RunnerFailed(self.faults.fail_message)
-
-
-def _split(total: int, usable: dict[int, int], overhead: int) -> dict[int, int]:
-    """Spread ``total`` bytes over GPUs in proportion to their usable memory, plus overhead each."""
-    capacity = sum(usable.values())
-    return {i: int(total * u / capacity) + overhead for i, u in usable.items() if u > 0}

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from proxy.config import GpuSpec, ModelSpec
+from proxy.emulator.placement import Placement
 
 # Aggregate decode tok/s with b sequences ~ tg1 * b / (1 + 0.12 (b - 1)), capped at ~3.7x tg1
 # (performance.md §1b): per-sequence step time is the larger of the two terms below.
@@ -21,27 +22,6 @@ _BATCH_SLOPE = 0.12
 _BATCH_CAP = 3.7
 # Prefill of a layer split gains a little from pipelining over GPUs (performance.md §1c).
 _SPLIT_PREFILL_GAIN = 0.15
-
-
-@dataclass(kw_only=True)
-class Placement:
-    """Where a runner's memory lives: bytes per GPU index, and what spilled to system RAM."""
-
-    vram: dict[int, int]
-    cpu_bytes: int = 0
-
-    @property
-    def size_vram(self) -> int:
-        return sum(self.vram.values())
-
-    @property
-    def size(self) -> int:
-        return self.size_vram + self.cpu_bytes
-
-    def share(self, gpu: int) -> float:
-        """Fraction of the model's layers on ``gpu``."""
-        total = self.size
-        return self.vram.get(gpu, 0) / total if total else 0.0
 
 
 @dataclass(kw_only=True)

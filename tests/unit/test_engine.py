@@ -10,8 +10,9 @@ import pytest
 
 from proxy.config import GpuSpec, ModelSpec
 from proxy.emulator.clock import ManualClock
-from proxy.emulator.engine import FAST_PATH_S, LOAD_FIXED_S, OVERHEAD_BYTES, Engine
+from proxy.emulator.engine import FAST_PATH_S, LOAD_FIXED_S, Engine
 from proxy.emulator.events import Done, GenerateRequest, Loaded, ServerSettings, Token
+from proxy.emulator.placement import OVERHEAD_BYTES
 from proxy.errors import RunnerFailed, ServerBusy
 
 SMALL = ModelSpec(name="small:1b", size_gb=1.2, decode_tps=100, prompt_tps=1000, load_gbps=1.2,
