@@ -240,10 +240,24 @@ def load_config(path: str | Path) -> Config:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"not valid YAML: {exc}", source=source, path=where) from None
+        raise ConfigError(_yaml_problem(exc), source=source, path=_yaml_line(exc)) from None
     return config_from_dict({} if raw is None else raw, source=source)
+
+
+def _yaml_line(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's message on one line, without its source excerpt (``in "<unicode string>"``)."""
+    problem = getattr(exc, "problem", None)
+    if not problem:
+        return f"not valid YAML: {str(exc).splitlines()[0]}"
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    started = f" at line {context_mark.line + 1}" if context_mark is not None else ""
+    also = f" ({context}{started})" if context else ""
+    return f"not valid YAML: {problem}{also}"
 
 
 def config_from_dict(raw: object, *, source: str = "") -> Config:
@@ -311,6 +325,10 @@ def _resolve(config: Config) -> Config:
             seen_ports[inst.port] = i
         for ref in inst.gpu:
             key = _gpu_key(ref, gpu_names if inst.launcher == "emulated" else [])
+            if seen_gpus.get(key) == i:
+                raise ConfigError(
+                    f"GPU {ref!r} is listed twice; list each GPU once", path=f"instances[{i}].gpu"
+                )
             if key in seen_gpus and not inst.spread:
                 raise ConfigError(
                     f"GPU {ref!r} is already owned by instances[{seen_gpus[key]}]; "

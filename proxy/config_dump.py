@@ -1,0 +1,47 @@
+"""The resolved configuration as YAML: what `ollamux config check` prints."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import yaml
+
+from proxy.config import Config, load_config
+
+__all__ = ["check_config", "dump_config"]
+
+
+def check_config(path: str) -> str:
+    """Load and validate ``path`` (ConfigError if invalid) and return it resolved, as YAML."""
+    return dump_config(load_config(path))
+
+
+def dump_config(config: Config) -> str:
+    """Every key with its value: defaults filled in, ports assigned, the catalogue spelled out.
+
+    The output loads back into the same configuration.
+    """
+    # Imported here: the catalogue module builds on proxy.config.
+    from proxy.emulator.catalogue import DEFAULT_MODELS
+
+    if not config.emulator.models:
+        emulator = dataclasses.replace(config.emulator, models=DEFAULT_MODELS)
+        config = dataclasses.replace(config, emulator=emulator)
+    tree = _plain(config)
+    del tree["source"]
+    header = f"# {config.source}, resolved by ollamux config check\n" if config.source else ""
+    return header + yaml.safe_dump(tree, sort_keys=False, allow_unicode=True, width=100)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, float) and math.isinf(value):
+        return -1  # durations: negative means forever
+    return value

@@ -1,0 +1,290 @@
+"""Config loading: defaults, auto ports, every error naming file, field path and a fix."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from proxy.config import (
+    Config,
+    InstanceConfig,
+    config_from_dict,
+    emulated_gpus,
+    load_config,
+    parse_listen,
+)
+from proxy.config_dump import dump_config
+from proxy.emulator.catalogue import DEFAULT_MODELS
+from proxy.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG_FILES = sorted((REPO / "config").glob("*.yaml"))
+
+GPUS = [{"name": "a", "memory_gib": 24}, {"name": "b", "memory_gib": 48, "speed": 0.85}]
+
+
+def emulated(**instance: Any) -> dict[str, Any]:
+    """A config dict with two emulated GPUs and the given instances (each a dict)."""
+    return {"emulator": {"gpus": GPUS}, "instances": list(instance.values())}
+
+
+@pytest.fixture
+def write(tmp_path: Path) -> Any:
+    def write(text: str, name: str = "ollamux.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    return write
+
+
+# --- defaults and resolution ---------------------------------------------------------------------
+
+
+def test_empty_file_gives_the_defaults(write: Any) -> None:
+    config = load_config(write(""))
+    assert config.listen == "127.0.0.1:11434"
+    assert config.instances == "auto"
+    assert config.routing.policy == "vram_queue"
+    assert config.queue.timeout == 300.0
+    assert config.timeouts.start == 60.0
+    assert config.emulator.models == ()
+    assert config.source.endswith("ollamux.yaml")
+
+
+def test_instance_defaults() -> None:
+    config = config_from_dict({"instances": [{"name": "gpu0", "gpu": 0}]})
+    assert config.instances != "auto"
+    (inst,) = config.instances
+    assert inst.launcher == "process"
+    assert inst.gpu == (0,)
+    assert inst.num_parallel == 4
+    assert inst.keep_alive == "5m"
+    assert inst.max_queue == 512
+    assert inst.port == 11435
+
+
+def test_ports_are_assigned_from_11435_skipping_taken_and_listen_ports() -> None:
+    raw = {
+        "listen": "127.0.0.1:11436",
+        "instances": [
+            {"name": "a", "gpu": 0},
+            {"name": "b", "gpu": 1, "port": 11437},
+            {"name": "c", "gpu": 2},
+            {"name": "d", "gpu": 3},
+        ],
+    }
+    config = config_from_dict(raw)
+    assert config.instances != "auto"
+    assert [i.port for i in config.instances] == [11435, 11437, 11438, 11439]
+
+
+def test_durations_accept_numbers_and_go_strings() -> None:
+    config = config_from_dict(
+        {"timeouts": {"start": "1m30s", "connect": 3}, "queue": {"timeout": -1}}
+    )
+    assert config.timeouts.start == 90.0
+    assert config.timeouts.connect == 3.0
+    assert config.queue.timeout == float("inf")
+
+
+def test_scalar_gpu_is_a_list_of_one_and_emulated_gpus_resolve_by_name_or_index() -> None:
+    config = config_from_dict(
+        emulated(
+            x={"name": "x", "launcher": "emulated", "gpu": "b"},
+            y={"name": "y", "launcher": "emulated", "gpu": 0},
+        )
+    )
+    assert config.instances != "auto"
+    x, y = config.instances
+    assert [g.name for g in emulated_gpus(config, x)] == ["b"]
+    assert [g.name for g in emulated_gpus(config, y)] == ["a"]
+    assert emulated_gpus(config, x)[0].speed == 0.85
+    assert emulated_gpus(config, y)[0].uuid.startswith("GPU-")
+
+
+def test_spread_instance_over_several_emulated_gpus() -> None:
+    inst = {"name": "box", "launcher": "emulated", "gpu": ["a", "b"], "spread": True}
+    config = config_from_dict(emulated(box=inst))
+    assert config.instances != "auto"
+    assert [g.name for g in emulated_gpus(config, config.instances[0])] == ["a", "b"]
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path) -> None:
+    config = load_config(path)
+    assert config.instances != "auto"
+    assert len(config.instances) == 4
+
+
+def test_shipped_configs_exist() -> None:
+    assert {p.name for p in CONFIG_FILES} >= {"demo.yaml", "example.yaml"}
+
+
+def test_demo_is_a_mixed_box_of_four_emulated_gpus() -> None:
+    config = load_config(REPO / "config" / "demo.yaml")
+    assert config.instances != "auto"
+    assert [g.memory_gib for g in config.emulator.gpus] == [24, 24, 48, 48]
+    assert [i.port for i in config.instances] == [11435, 11436, 11437, 11438]
+    assert {i.launcher for i in config.instances} == {"emulated"}
+    assert parse_listen(config.listen) == ("127.0.0.1", 11434)
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_the_resolved_dump_loads_back_into_the_same_config(path: Path) -> None:
+    config = load_config(path)
+    text = dump_config(config)
+    again = config_from_dict(yaml.safe_load(text), source=config.source)
+    expected = config
+    if not config.emulator.models:
+        emulator = dataclasses.replace(config.emulator, models=DEFAULT_MODELS)
+        expected = dataclasses.replace(config, emulator=emulator)
+    assert again == expected
+
+
+def test_the_dump_spells_out_the_builtin_catalogue() -> None:
+    tree = yaml.safe_load(dump_config(Config()))
+    assert [m["name"] for m in tree["emulator"]["models"]] == [m.name for m in DEFAULT_MODELS]
+    assert tree["instances"] == "auto"
+    assert "source" not in tree
+
+
+def test_parse_listen() -> None:
+    assert parse_listen("0.0.0.0:8080") == ("0.0.0.0", 8080)
+    assert parse_listen(":11434") == ("127.0.0.1", 11434)
+    assert parse_listen("[::1]:11434") == ("::1", 11434)
+    for bad in ("localhost", "host:0", "host:port", "host:70000"):
+        with pytest.raises(ValueError, match="HOST:PORT"):
+            parse_listen(bad)
+
+
+# --- errors: file, field path, what is wrong, how to fix ------------------------------------------
+
+BAD_CONFIGS = {
+    "unknown key with suggestion": (
+        "instances:\n  - {name: gpu0, gpu: 0, num_paralel: 2}\n",
+        "instances[0].num_paralel",
+        "did you mean 'num_parallel'?",
+    ),
+    "unknown top-level key": ("lsiten: 127.0.0.1:1\n", "lsiten", "did you mean 'listen'?"),
+    "wrong type": (
+        "instances:\n  - {name: gpu0, gpu: 0, num_parallel: four}\n",
+        "instances[0].num_parallel",
+        "must be an integer, got a string 'four'",
+    ),
+    "wrong section type": ("routing: vram_queue\n", "routing", "must be a mapping, got a string"),
+    "bad policy": (
+        "routing: {policy: fastest}\n",
+        "routing.policy",
+        "'fastest' is not one of 'vram_queue'",
+    ),
+    "duplicate port": (
+        "instances:\n  - {name: a, gpu: 0, port: 11500}\n  - {name: b, gpu: 1, port: 11500}\n",
+        "instances[1].port",
+        "port 11500 is already used by instances[0]; give each instance its own port",
+    ),
+    "instance on the proxy's port": (
+        "instances:\n  - {name: a, gpu: 0, port: 11434}\n",
+        "instances[0].port",
+        "the proxy's own listen port",
+    ),
+    "duplicate GPU": (
+        "instances:\n  - {name: a, gpu: 0}\n  - {name: b, gpu: 0}\n",
+        "instances[1].gpu",
+        "GPU 0 is already owned by instances[0]; each GPU belongs to one instance",
+    ),
+    "duplicate emulated GPU by name and index": (
+        "emulator: {gpus: [{name: a, memory_gib: 24}]}\n"
+        "instances:\n  - {name: x, launcher: emulated, gpu: a}\n"
+        "  - {name: y, launcher: emulated, gpu: 0}\n",
+        "instances[1].gpu",
+        "already owned by instances[0]",
+    ),
+    "duplicate name": (
+        "instances:\n  - {name: a, gpu: 0}\n  - {name: a, gpu: 1}\n",
+        "instances[1].name",
+        "'a' is already used by instances[0]; each name must be unique",
+    ),
+    "emulated GPU that does not exist": (
+        "emulator: {gpus: [{name: a, memory_gib: 24}]}\n"
+        "instances:\n  - {name: x, launcher: emulated, gpu: h100}\n",
+        "instances[0].gpu",
+        "'h100' is not an emulated GPU; use one of ['a'] or its index",
+    ),
+    "emulated GPU index out of range": (
+        "emulator: {gpus: [{name: a, memory_gib: 24}]}\n"
+        "instances:\n  - {name: x, launcher: emulated, gpu: [0, 3], spread: true}\n",
+        "instances[0].gpu[1]",
+        "3 is not an emulated GPU",
+    ),
+    "emulated without GPUs": (
+        "instances:\n  - {name: x, launcher: emulated, gpu: 0}\n",
+        "instances[0].launcher",
+        "add an emulator.gpus list",
+    ),
+    "bad duration": (
+        "timeouts: {start: 5x}\n",
+        "timeouts.start",
+        'unknown unit "x" in duration "5x"; use e.g. 30s, 5m or 1h',
+    ),
+    "bad keep_alive": (
+        "instances:\n  - {name: a, gpu: 0, keep_alive: 5 minutes}\n",
+        "instances[0].keep_alive",
+        "use e.g. 5m, 1h or -1 (forever)",
+    ),
+    "value out of range": (
+        "instances:\n  - {name: a, gpu: 0, num_parallel: 0}\n",
+        "instances[0].num_parallel",
+        "must be >= 1",
+    ),
+    "external without url": (
+        "instances:\n  - {name: a, launcher: external}\n",
+        "instances[0].url",
+        "is required for launcher external",
+    ),
+    "bad listen": ("listen: localhost\n", "listen", "use e.g. 127.0.0.1:11434"),
+    "missing required key": (
+        "emulator: {gpus: [{name: a}]}\n",
+        "emulator.gpus[0].memory_gib",
+        "is required",
+    ),
+    "bad YAML": ("instances:\n  - {name: a\n  gpu: 0\n", "line ", "not valid YAML"),
+    "not a mapping": ("- a\n- b\n", "(top level)", "must be a mapping, got a list"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS), ids=str)
+def test_errors_name_the_file_the_field_and_the_fix(write: Any, case: str) -> None:
+    text, path, fix = BAD_CONFIGS[case]
+    file = write(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(file)
+    message = str(info.value)
+    assert message.startswith(f"{file}: {path}"), message
+    assert fix in message
+    assert "\n" not in message
+    assert info.value.source == str(file)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read the file \(No such file"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_source_is_not_a_yaml_key() -> None:
+    with pytest.raises(ConfigError, match="unknown key 'source'"):
+        config_from_dict({"source": "x"})
+
+
+def test_an_instance_listing_a_gpu_twice_says_so() -> None:
+    with pytest.raises(ConfigError, match=r"instances\[0\]\.gpu: GPU 1 is listed twice"):
+        config_from_dict({"instances": [{"name": "a", "gpu": [1, 1]}]})
+
+
+def test_instance_config_validates_on_its_own() -> None:
+    with pytest.raises(ConfigError, match="port: must be a TCP port"):
+        InstanceConfig(name="a", port=70000)
