@@ -83,7 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     emulate.add_argument("--models-dir", metavar="DIR", help="model store (default: in memory)")
     emulate.add_argument(
-        "--seed", type=int, metavar="N", help="emulator.seed (accepted; not used yet)"
+        "--seed", type=int, metavar="N", help="emulator.seed: varies the generated text"
+    )
+    emulate.add_argument(
+        "--quiet", action="store_true", help="no log line per request (serve passes it)"
     )
 
     status = commands.add_parser(
@@ -153,5 +156,6 @@ def _dispatch(args: argparse.Namespace) -> None:
             spread=args.spread,
             models_dir=args.models_dir,
             seed=args.seed,
+            quiet=args.quiet,
         )
         emulate(options, os.environ)

@@ -105,6 +105,7 @@ class Engine:
                     contention=lambda: self._contention(runner),
                     faults=self.faults,
                     load_duration=load_duration,
+                    server_seed=self.settings.seed,
                 )
                 async for event in events:
                     yield event

@@ -26,6 +26,8 @@ class ServerSettings:
     """Per-GPU minimum Ollama keeps free."""
     origins: tuple[str, ...] = ()
     """Extra allowed CORS origins (OLLAMA_ORIGINS)."""
+    seed: int = 0
+    """Varies the generated text (the same seed and request give the same answer)."""
 
 
 @dataclass(frozen=True, kw_only=True)

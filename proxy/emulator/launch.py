@@ -69,6 +69,8 @@ class EmulateOptions:
     spread: bool | None = None
     models_dir: str | None = None
     seed: int | None = None
+    quiet: bool = False
+    """No access-log line per request."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -176,6 +178,7 @@ def plan_emulator(options: EmulateOptions, environ: Mapping[str, str]) -> Emulat
         spread_penalty=emulator.spread_penalty,
         cpu_slowdown=emulator.cpu_slowdown,
         origins=_origins(environ.get("OLLAMA_ORIGINS", "")),
+        seed=options.seed if options.seed is not None else emulator.seed,
     )
     models_dir = options.models_dir if options.models_dir is not None else config.models_dir
     return EmulatorPlan(
@@ -194,10 +197,10 @@ def plan_emulator(options: EmulateOptions, environ: Mapping[str, str]) -> Emulat
 def emulate(options: EmulateOptions, environ: Mapping[str, str]) -> None:
     """Run one emulated Ollama server until SIGINT or SIGTERM."""
     plan = plan_emulator(options, environ)
-    asyncio.run(_serve(plan))
+    asyncio.run(_serve(plan, access_log=not options.quiet))
 
 
-async def _serve(plan: EmulatorPlan) -> None:
+async def _serve(plan: EmulatorPlan, *, access_log: bool = True) -> None:
     # Imported here so `config check` and the unit tests of the plan need no HTTP app.
     from proxy.emulator.catalogue import Catalogue
     from proxy.emulator.clock import RealClock
@@ -213,7 +216,7 @@ async def _serve(plan: EmulatorPlan) -> None:
     app = build_emulator_app(engine, store, catalogue, version=plan.version, bind_host=plan.host)
     stop = asyncio.Event()
     stop_on_signals(stop)
-    server = asyncio.ensure_future(run_emulator(app, plan.host, plan.port))
+    server = asyncio.ensure_future(run_emulator(app, plan.host, plan.port, access_log=access_log))
     stopping = asyncio.ensure_future(stop.wait())
     log.info("%s", plan.describe())
     try:

@@ -23,6 +23,7 @@ async def run_sequence(
     contention: Callable[[], float],
     faults: Faults,
     load_duration: float,
+    server_seed: int = 0,
 ) -> AsyncIterator[Event]:
     """Evaluate the prompt (less what the slot's cache holds), then yield tokens as they come."""
     prompt = req.prompt_tokens[-runner.num_ctx :]
@@ -34,7 +35,7 @@ async def run_sequence(
     await clock.sleep(prefill)
     prompt_eval_duration = clock.now() - started
 
-    seed = text.seed_for(req.model.name, prompt, req.seed)
+    seed = text.seed_for(req.model.name, prompt, req.seed) ^ server_seed
     limited = req.num_predict is not None and req.num_predict >= 0
     target = req.num_predict if limited and req.num_predict is not None else None
     if target is None:

@@ -20,6 +20,7 @@ import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
+from aiohttp import log as aiohttp_log
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
@@ -114,9 +115,16 @@ def build_emulator_app(
     return app
 
 
-async def run_emulator(app: web.Application, host: str, port: int) -> None:
+async def run_emulator(
+    app: web.Application, host: str, port: int, *, access_log: bool = True
+) -> None:
     """Serve ``app`` until cancelled, then close it, dropping open connections as Ollama does."""
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5)
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        shutdown_timeout=0.5,
+        access_log=aiohttp_log.access_logger if access_log else None,
+    )
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

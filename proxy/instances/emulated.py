@@ -25,6 +25,9 @@ def emulated_child(config: Config, instance: InstanceConfig) -> ChildSpec:
         "-m",
         "proxy",
         "emulate",
+        # the proxy logs every request it routes; the emulators' own access lines would repeat
+        # them and add a line for every health check
+        "--quiet",
         "--config",
         str(Path(config.source).resolve()),
         "--instance",

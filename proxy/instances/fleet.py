@@ -26,7 +26,7 @@ _LATER = "arrives in a later release of ollamux"
 
 
 def serve(config: Config, *, listen: str | None = None) -> None:
-    """`ollamux serve`: start the config's instances, keep them up until SIGINT/SIGTERM."""
+    """`ollamux serve`: start the instances and the routing proxy; keep them up until stopped."""
     config = with_listen(config, listen)
     children, external = plan_children(config)
     asyncio.run(_serve(config, children, external))
@@ -96,16 +96,37 @@ async def _serve(config: Config, children: list[ChildSpec], external: list[Insta
     policy = RestartPolicy(start_timeout=timeouts.start, probe_timeout=timeouts.health_timeout)
     supervisor = Supervisor(children, policy=policy)
 
+    proxy_task: asyncio.Task[None] | None = None
+
     def ready() -> None:
+        nonlocal proxy_task
         for child in supervisor.children:
             log.info("%s answers at %s (pid %s)", child.name, child.spec.health_url, child.pid)
         for inst in external:
             log.info("%s answers at %s (external)", inst.name, inst.url)
-        log.info(
-            "%d instance(s) up. The routing proxy on %s %s; until then point clients at an "
-            "instance's URL. Ctrl-C stops them.",
-            len(children) + len(external), config.listen, _LATER,
-        )  # fmt: skip
+        log.info("%d instance(s) up; starting the routing proxy", len(children) + len(external))
+        proxy_task = asyncio.get_running_loop().create_task(_run_proxy(config))
+        proxy_task.add_done_callback(lambda _task: stop.set())  # no proxy, no point: stop all
 
-    await supervisor.run(stop, on_ready=ready)
+    try:
+        await supervisor.run(stop, on_ready=ready)
+    finally:
+        if proxy_task is not None:
+            proxy_task.cancel()
+            await asyncio.gather(proxy_task, return_exceptions=True)
     log.info("all instances stopped")
+    if proxy_task is not None and not proxy_task.cancelled() and proxy_task.exception():
+        raise LaunchError(str(proxy_task.exception()))
+
+
+async def _run_proxy(config: Config) -> None:
+    """The routing proxy on ``config.listen`` in front of the instances, until cancelled."""
+    from proxy.app import build_app, serve_proxy  # the proxy's modules load only when serving
+
+    try:
+        await serve_proxy(build_app(config), config.listen)
+    except OSError as exc:
+        raise LaunchError(
+            f"the proxy cannot listen on {config.listen}: {exc.strerror or exc}; if an Ollama "
+            "already holds that port, stop it (systemctl stop ollama) or pass --listen HOST:PORT"
+        ) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import socket
@@ -264,9 +265,20 @@ def test_emulate_answers_and_stops_on_sigterm(spawn: object, tmp_path: Path) -> 
     assert callable(spawn)
     (port,) = free_ports(1)
     proc, log = spawn(
-        "emulate", "--listen", f"127.0.0.1:{port}", "--gpu", "rtx4090:24", "--gpu", "l40s:48:0.85",
-        "--speed", "20", "--num-parallel", "2", "--models-dir", str(tmp_path / "models"),
-    )  # fmt: skip
+        "emulate",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--gpu",
+        "rtx4090:24",
+        "--gpu",
+        "l40s:48:0.85",
+        "--speed",
+        "20",
+        "--num-parallel",
+        "2",
+        "--models-dir",
+        str(tmp_path / "models"),
+    )
     assert wait_until_answering(f"http://127.0.0.1:{port}/", proc, log) == "Ollama is running"
     status, body = get(f"http://127.0.0.1:{port}/api/version")
     assert status == 200 and '"version"' in body
@@ -331,6 +343,14 @@ def test_serve_starts_every_instance_and_sigterm_stops_them_all(
     output = log.read_text()
     assert "gpu0 answers at http://127.0.0.1:" in output
     assert "gpu1 | " in output  # the children's own lines, prefixed with their name
+    listen = (tmp_path / "box.yaml").read_text().splitlines()[0].split(" ")[1]
+    assert wait_until_answering(f"http://{listen}/", proc, log) == "Ollama is running"
+    body = json.dumps(
+        {"model": "llama3.2:1b", "prompt": "hi", "stream": False, "options": {"num_predict": 3}}
+    ).encode()
+    request = urllib.request.Request(f"http://{listen}/api/generate", data=body)
+    with urllib.request.urlopen(request, timeout=30) as reply:  # through the routing proxy
+        assert json.loads(reply.read())["eval_count"] == 3
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0, log.read_text()
     assert wait_gone(children, timeout=1) == set()
