@@ -92,6 +92,7 @@ class Dispatcher:
         self._admit(model)
         self._queues.setdefault(model, deque()).append(waiter)
         self._on_decision("queued")
+        self.pump()  # a longer queue can make a replica worth loading now (scale-out)
         try:
             return await asyncio.wait_for(asyncio.shield(waiter.future), self.limits.timeout)
         except asyncio.TimeoutError:
@@ -153,8 +154,9 @@ class Dispatcher:
             return len(self._queues.get(normalize(model), ()))
         return sum(len(q) for q in self._queues.values())
 
-    def depths(self) -> dict[str, int]:
-        return {m: len(q) for m, q in self._queues.items() if q}
+    def depths(self, *, empty: bool = False) -> dict[str, int]:
+        """Waiting requests by model; ``empty`` also lists models that queued before (now 0)."""
+        return {m: len(q) for m, q in self._queues.items() if q or empty}
 
     def session_instance(self, session: str) -> str | None:
         return self._sessions.get(session)
@@ -208,6 +210,7 @@ class Dispatcher:
             self._sessions.move_to_end(waiter.session)
             while len(self._sessions) > _SESSIONS_KEPT:
                 self._sessions.popitem(last=False)
+        inst.reasons[decision.reason] = inst.reasons.get(decision.reason, 0) + 1
         self._on_decision(decision.reason)
         return Lease(inst, model, decision, self._clock() - waiter.since, cold)
 

@@ -55,9 +55,9 @@ class Farm:
         return {f"gpu{i}": sorted(m.model.name for m in e.ps()) for i, e in enumerate(self.engines)}
 
     def waiting_inside(self) -> int:
-        """Requests queued inside the backends behind busy slots or behind another request's
-        load (what late binding must keep at zero); a request waiting for its own load is not."""
-        return sum(e.waiting_for_slot() + max(e.pending() - 1, 0) for e in self.engines)
+        """Requests queued inside the backends behind busy slots (Ollama's unbounded wait, which
+        late binding must keep at zero); waiting for the model's load is not counted."""
+        return sum(e.waiting_for_slot() for e in self.engines)
 
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
         return self.registry.get_sample_value(name, labels or {}) or 0.0

@@ -110,7 +110,7 @@ async def test_exclude_skips_an_instance_for_the_retry() -> None:
     assert lease.instance.name == "gpu1"
 
 
-async def test_cold_bind_reserves_vram_and_holds_others_until_the_load_is_done() -> None:
+async def test_cold_bind_reserves_vram_and_the_load_takes_its_slots_first() -> None:
     insts = instances(n=2, warm=False)
     d, reasons = dispatcher(insts)
     d.book.stats(M).observe_service(1.0)  # short requests: waiting beats loading a replica
@@ -119,23 +119,25 @@ async def test_cold_bind_reserves_vram_and_holds_others_until_the_load_is_done()
     inst = lease.instance
     free = inst.free_vram()
     assert free is not None and free < 20 * GIB
-    second = asyncio.ensure_future(d.acquire(M))
+    joined = await d.acquire(M)  # the loading instance has a free slot: start there once loaded
+    assert joined.instance is inst and not joined.cold
+    third = asyncio.ensure_future(d.acquire(M))
     await settle()
-    assert not second.done()  # nothing can start there while the model loads
+    assert not third.done()  # both slots taken: wait in the proxy, not inside Ollama
     d.loaded(lease)
     assert M in inst.loaded and inst.free_vram() == 20 * GIB
-    joined = await asyncio.wait_for(second, 1)
-    assert joined.instance is inst and not joined.cold
     d.release(lease)
+    assert (await asyncio.wait_for(third, 1)).instance is inst
     d.release(joined)
 
 
 async def test_a_long_queue_behind_a_load_scales_out() -> None:
     d, reasons = dispatcher(instances(n=2, warm=False))
     d.book.stats(M).observe_service(60.0)
-    first = await d.acquire(M)
-    second = await d.acquire(M)
-    assert second.instance is not first.instance and reasons == ["cold_fit", "scale_out"]
+    first, second, third = [await d.acquire(M) for _ in range(3)]
+    assert second.instance is first.instance  # its second slot
+    assert third.instance is not first.instance
+    assert reasons == ["cold_fit", "warm", "scale_out"]
 
 
 async def test_models_are_served_in_turn() -> None:
