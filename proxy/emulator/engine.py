@@ -29,7 +29,6 @@ from proxy.emulator.events import (
     Event,
     Faults,
     GenerateRequest,
-    GpuState,
     Loaded,
     LoadedModel,
     ServerSettings,
@@ -39,6 +38,7 @@ from proxy.emulator.placement import Placement, fit, spill
 from proxy.emulator.runner import Runner
 from proxy.emulator.sequence import embed_one, run_sequence
 from proxy.errors import RunnerFailed, ServerBusy
+from proxy.gpu import GpuReading
 
 LOAD_FIXED_S = 1.5
 """Runner spawn and CUDA init before the weights are read (performance.md §1e)."""
@@ -177,13 +177,14 @@ class Engine:
         ]
         return sorted(out, key=lambda m: m.expires_at, reverse=True)
 
-    def gpus(self) -> list[GpuState]:
+    def gpus(self) -> list[GpuReading]:
+        """The GPUs as GET /gpus reports them: the shape every GpuSource reads."""
         now = self.clock.now()
         states = []
         for i, gpu in enumerate(self.settings.gpus):
             used = self._used(i) + (self.settings.reserve_bytes if self._used(i) else 0)
             states.append(
-                GpuState(
+                GpuReading(
                     index=i,
                     uuid=gpu.uuid,
                     name=gpu.name,

@@ -93,20 +93,6 @@ class LoadedModel:
     gpus: tuple[int, ...]
 
 
-@dataclass(frozen=True, kw_only=True)
-class GpuState:
-    """One GPU as /gpus reports it (the same shape the NVML source reports)."""
-
-    index: int
-    uuid: str
-    name: str
-    memory_total: int
-    memory_used: int
-    memory_free: int
-    utilization: float
-    """0..1, share of recent time the GPU was computing."""
-
-
 @dataclass(kw_only=True)
 class Faults:
     """Fault knobs for reliability tests; the HTTP layer sets them from POST /emulator/faults."""
