@@ -38,14 +38,23 @@ def instance_states(config: Config) -> list[InstanceState]:
             path="instances",
         )
     states = []
+    emulated_index = {g.uuid: str(i) for i, g in enumerate(config.emulator.gpus)}
     for inst in config.instances:
+        labels: dict[str, str] = {}
         if inst.launcher == "emulated":
             gpus = tuple(g.uuid for g in emulated_gpus(config, inst))
+            labels = {uuid: emulated_index[uuid] for uuid in gpus if uuid in emulated_index}
         else:
             gpus = tuple(str(ref) for ref in inst.gpu)
         url = inst.url.rstrip("/") if inst.url else f"http://127.0.0.1:{inst.port}"
         states.append(
-            InstanceState(name=inst.name, url=url, slots=inst.num_parallel, gpu_uuids=gpus)
+            InstanceState(
+                name=inst.name,
+                url=url,
+                slots=inst.num_parallel,
+                gpu_uuids=gpus,
+                gpu_labels=labels,
+            )
         )
     return states
 

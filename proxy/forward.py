@@ -57,6 +57,8 @@ class StreamWatcher:
     def __init__(self) -> None:
         self.first_byte: float | None = None
         self.final: dict[str, Any] | None = None
+        self.client_gone = False
+        """The client closed its connection before the answer was all written."""
         self._tail = b""
 
     def feed(self, chunk: bytes) -> None:
@@ -74,8 +76,12 @@ class StreamWatcher:
             self._tail = b""
 
     def _look(self, line: bytes) -> None:
-        if b'"done":true' not in line and b'"usage"' not in line:
-            return
+        if (
+            b'"done":true' not in line
+            and b'"usage"' not in line
+            and b'"prompt_eval_count"' not in line
+        ):
+            return  # not a final line (embeddings have no "done": their counts are the mark)
         if line.startswith(b"data: "):
             line = line[6:]
         try:
@@ -150,21 +156,40 @@ class Forwarder:
             and "Transfer-Encoding" not in resp.headers
         ):
             out.content_length = int(resp.headers["Content-Length"])
-        await out.prepare(request)
+        try:
+            await out.prepare(request)
+        except ConnectionError:
+            watcher.client_gone = True
+            return out, None
         try:
             async for chunk in resp.content.iter_any():
                 watcher.feed(chunk)
-                await out.write(chunk)
+                await _to_client(out, chunk, watcher)
+                if watcher.client_gone:  # stop reading: closing the upstream stops the model
+                    return out, None
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             message = (
                 f"an error was encountered while running the model: {exc or 'connection lost'}"
             )
-            await out.write(error_line(resp.headers.get("Content-Type", ""), message))
+            await _to_client(
+                out, error_line(resp.headers.get("Content-Type", ""), message), watcher
+            )
             return out, message
         finally:
             watcher.close()
-        await out.write_eof()
+        try:
+            await out.write_eof()
+        except ConnectionError:
+            watcher.client_gone = True
         return out, None
+
+
+async def _to_client(out: web.StreamResponse, data: bytes, watcher: StreamWatcher) -> None:
+    """Write to the client; a closed client connection is noted, not mistaken for the upstream's."""
+    try:
+        await out.write(data)
+    except ConnectionError:
+        watcher.client_gone = True
 
 
 def error_line(content_type: str, message: str) -> bytes:

@@ -2,24 +2,56 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from proxy.balancer.queue import Dispatcher
-from proxy.balancer.state import ModelBook
+from proxy.balancer.state import InstanceState, ModelBook
+from proxy.gpu import GpuReading
 from proxy.names import normalize
 
 # LLM latencies: 10 ms .. 5 min
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+
+ENDPOINTS = frozenset(
+    {
+        "/api/generate",
+        "/api/chat",
+        "/api/embed",
+        "/api/embeddings",
+        "/api/show",
+        "/api/pull",
+        "/api/push",
+        "/api/create",
+        "/api/copy",
+        "/api/delete",
+        "/api/blobs/{digest}",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/messages",
+        "/v1/models/{model}",
+    }
+)
+"""The ``endpoint`` label's values besides ``other``: the proxy's routes, never a client's path."""
+NO_INSTANCE = "none"
+"""The ``instance`` label of a request no instance answered (rejected, or failed everywhere)."""
+NO_MODEL = "none"
+"""The ``model`` label of a request that names no model at all."""
 
 
 class Metrics:
     """Counters and histograms for what the proxy does, registered in an injected registry."""
 
     def __init__(self, registry: CollectorRegistry, policy: str) -> None:
+        # No ``*_created`` series: in the text format Prometheus stores each as one more gauge,
+        # doubling every counter's and histogram's series for a timestamp nobody graphs.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.policy = policy
         self.requests = Counter(
             "ollamux_requests",
@@ -115,20 +147,72 @@ class LiveCollector(Collector):
             up.add_metric([inst.name], 1.0 if inst.healthy else 0.0)
             inflight.add_metric([inst.name], inst.inflight_total())
             slots.add_metric([inst.name], inst.slots)
-            for model in inst.loaded:
+            for model in sorted(inst.loaded):
                 loaded.add_metric([inst.name, model], 1.0)
         depth = GaugeMetricFamily(
             "ollamux_queue_depth", "Requests waiting in the proxy, by model.", labels=["model"]
         )
-        for model, n in self._dispatcher.depths().items():
+        for model, n in sorted(self._dispatcher.depths(empty=True).items()):
             depth.add_metric([model], n)
         yield from (up, inflight, slots, loaded, depth)
+        yield from gpu_families(instances)
+
+
+def gpu_families(instances: Sequence[InstanceState]) -> list[GaugeMetricFamily]:
+    """Memory and utilization of every GPU, as the monitor last read them from the GPU sources."""
+    labels = ["gpu", "uuid"]
+    total = GaugeMetricFamily("ollamux_gpu_memory_total_bytes", "GPU memory.", labels=labels)
+    used = GaugeMetricFamily("ollamux_gpu_memory_used_bytes", "GPU memory in use.", labels=labels)
+    free = GaugeMetricFamily("ollamux_gpu_memory_free_bytes", "GPU memory free.", labels=labels)
+    util = GaugeMetricFamily(
+        "ollamux_gpu_utilization_ratio",
+        "Share of the last sample period the GPU was computing (0..1).",
+        labels=["gpu"],
+    )
+    for gpu, reading in gpu_readings(instances):
+        total.add_metric([gpu, reading.uuid], reading.memory_total)
+        used.add_metric([gpu, reading.uuid], reading.memory_used)
+        free.add_metric([gpu, reading.uuid], reading.memory_free)
+        util.add_metric([gpu], reading.utilization)
+    return [total, used, free, util]
+
+
+def gpu_readings(instances: Sequence[InstanceState]) -> list[tuple[str, GpuReading]]:
+    """Each GPU's last reading once, with its ``gpu`` label.
+
+    ``gpu`` is the host-wide index where the config knows it (emulated GPUs), else the index the
+    GPU source reports; should two GPUs still share one (remote hosts), the instance name qualifies
+    it, so no two series ever collide. A GPU seen by several instances is reported once.
+    """
+    out: list[tuple[str, GpuReading]] = []
+    seen: set[str] = set()
+    taken: set[str] = set()
+    for inst in instances:
+        for reading in inst.gpus:
+            if reading.uuid in seen:
+                continue
+            seen.add(reading.uuid)
+            gpu = inst.gpu_labels.get(reading.uuid, str(reading.index))
+            if gpu in taken:
+                gpu = f"{inst.name}:{reading.index}"
+            taken.add(gpu)
+            out.append((gpu, reading))
+    return out
 
 
 def model_label(book: ModelBook) -> Callable[[str], str]:
     """Bounded label values: a model no instance lists counts as ``other``."""
 
     def label(model: str) -> str:
-        return normalize(model) if model and book.known(model) else "other"
+        if not model:
+            return NO_MODEL
+        return normalize(model) if book.known(model) else "other"
 
     return label
+
+
+def endpoint_label(request: web.Request) -> str:
+    """The route a request matched, from a fixed set, else ``other`` (unknown paths make none)."""
+    resource = request.match_info.route.resource
+    canonical = resource.canonical if resource is not None else ""
+    return canonical if canonical in ENDPOINTS else "other"

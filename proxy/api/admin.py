@@ -1,13 +1,26 @@
-"""The proxy's own endpoints: /proxy/status (what the router sees) and /metrics."""
+"""The proxy's own endpoints: /proxy/status (what the router sees) and /metrics.
+
+``/proxy/status`` is the JSON that ``ollamux status`` renders (proxy/status.py): per instance its
+health, GPUs with memory, loaded models, slots, in-flight requests, recent time to first token and
+the reasons requests were bound to it; the queues per model; the policy; the last requests.
+"""
 
 from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from proxy import __version__
 from proxy.api.context import PROXY
 from proxy.api.ollama import json_response
+from proxy.balancer.state import InstanceState
+from proxy.metrics import gpu_readings
 
 
 def routes(registry: CollectorRegistry) -> list[web.RouteDef]:
@@ -18,29 +31,81 @@ def routes(registry: CollectorRegistry) -> list[web.RouteDef]:
 
 
 async def status(request: web.Request) -> web.Response:
-    """Instances with health, GPU memory, loaded models, slots and in-flight; queues; policy."""
+    """Instances, queues per model, queue limits, policy and the last requests answered."""
     proxy = request.app[PROXY]
     dispatcher = proxy.dispatcher
+    gpus = {reading.uuid: gpu for gpu, reading in gpu_readings(proxy.instances)}
+    limits = proxy.config.queue
     return json_response(
         {
+            "version": __version__,
+            "uptime_s": round(time.time() - proxy.started_at, 1),
             "policy": proxy.config.routing.policy,
             "queues": dispatcher.depths(),
-            "instances": [
-                {
-                    "name": inst.name,
-                    "url": inst.url,
-                    "healthy": inst.healthy,
-                    "draining": inst.draining,
-                    "gpus": list(inst.gpu_uuids),
-                    "memory_total": inst.memory_total,
-                    "memory_free": inst.memory_free,
-                    "utilization": inst.utilization,
-                    "slots": inst.slots,
-                    "inflight": dict(inst.inflight),
-                    "loaded": sorted(inst.loaded),
-                    "loading": sorted(inst.loading),
-                }
-                for inst in proxy.instances
-            ],
+            "queued": dispatcher.depth(),
+            "queue_limits": {
+                "max_per_model": limits.max_per_model,
+                "max_total": limits.max_total,
+                "timeout": limits.timeout,
+            },
+            "instances": [instance(inst, gpus) for inst in proxy.instances],
+            "recent": list(reversed(proxy.recent)),
         }
     )
+
+
+def instance(inst: InstanceState, gpu_labels: dict[str, str]) -> dict[str, Any]:
+    if not inst.healthy:
+        state = "down"
+    elif inst.draining:
+        state = "draining"
+    else:
+        state = "up"
+    return {
+        "name": inst.name,
+        "url": inst.url,
+        "state": state,
+        "healthy": inst.healthy,
+        "draining": inst.draining,
+        "version": inst.version,
+        "gpus": [
+            {
+                "gpu": gpu_labels.get(g.uuid, str(g.index)),
+                "uuid": g.uuid,
+                "name": g.name,
+                "memory_total": g.memory_total,
+                "memory_used": g.memory_used,
+                "memory_free": g.memory_free,
+                "utilization": g.utilization,
+            }
+            for g in inst.gpus
+        ],
+        "gpu_uuids": list(inst.gpu_uuids),
+        "memory_total": inst.memory_total,
+        "memory_free": inst.memory_free,
+        "utilization": inst.utilization,
+        "slots": inst.slots,
+        "inflight": dict(sorted(inst.inflight.items())),
+        "inflight_total": inst.inflight_total(),
+        "loaded": [
+            {"name": m.name, "size_vram": m.size_vram, "context_length": m.context_length}
+            for m in sorted(inst.loaded.values(), key=lambda m: m.name)
+        ],
+        "loading": sorted(inst.loading),
+        "ttft": ttft_summary(list(inst.recent_ttft)),
+        "reasons": dict(sorted(inst.reasons.items())),
+    }
+
+
+def ttft_summary(samples: Sequence[float]) -> dict[str, Any]:
+    """Median, p95 and last of the recent times to first token (seconds), None when none yet."""
+    if not samples:
+        return {"count": 0, "p50": None, "p95": None, "last": None}
+    ordered = sorted(samples)
+    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+    return {
+        "count": len(samples),
+        "p50": round(statistics.median(ordered), 4),
+        "p95": round(p95, 4),
+        "last": round(samples[-1], 4),
+    }

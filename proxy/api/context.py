@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +17,8 @@ from proxy.balancer.state import InstanceState, ModelBook
 from proxy.config import Config
 from proxy.forward import Forwarder
 from proxy.metrics import Metrics
+
+RECENT_REQUESTS = 20
 
 
 @dataclass(eq=False)
@@ -32,6 +36,9 @@ class Proxy:
     monitor: Monitor | None = None
     pulls: dict[str, Any] = field(default_factory=dict)
     """Pulls in progress by model (see api/pull.py)."""
+    recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT_REQUESTS))
+    """The last requests answered, as ``/proxy/status`` lists them (see api/access.py)."""
+    started_at: float = field(default_factory=time.time)
 
     def healthy(self) -> list[InstanceState]:
         return [i for i in self.instances if i.healthy and not i.draining]

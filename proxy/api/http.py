@@ -48,20 +48,24 @@ def error_response(
     )
 
 
+def rejection_reason(exc: RoutingError) -> str:
+    """The ``reason`` label of ``ollamux_rejected_total`` (and the access line) for a 503."""
+    if isinstance(exc, QueueFull):
+        return "queue_full"
+    if isinstance(exc, QueueTimeout):
+        return "queue_timeout"
+    return "no_instance"
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The seam: RoutingError -> 503 + Retry-After; aiohttp's 404/405 -> Ollama's plain texts."""
     try:
         return await handler(request)
-    except RoutingError as exc:
-        status = 503
-        log.info("%s %s rejected: %s", request.method, request.path, exc.message)
-        reason = {QueueFull: "queue_full", QueueTimeout: "queue_timeout"}.get(
-            type(exc), "no_instance"
-        )
-        request.app[PROXY].metrics.rejected.labels(reason).inc()
+    except RoutingError as exc:  # the access line (api/access.py) already told why
+        request.app[PROXY].metrics.rejected.labels(rejection_reason(exc)).inc()
         headers = {"Retry-After": str(exc.retry_after)}
-        return error_response(request.path, status, exc.message, headers)
+        return error_response(request.path, 503, exc.message, headers)
     except web.HTTPMethodNotAllowed:
         return web.Response(status=405, text="405 method not allowed")
     except web.HTTPNotFound:

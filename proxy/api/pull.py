@@ -14,13 +14,16 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from proxy.api import relay
+from proxy.api.access import accounted, begin
 from proxy.api.context import PROXY, Proxy
 from proxy.api.http import error_response
+from proxy.balancer.state import InstanceState
 from proxy.names import is_valid, normalize
 
 
 @dataclass(eq=False)
 class _Pull:
+    instance: str = ""
     lines: list[bytes] = field(default_factory=list)
     done: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -49,10 +52,21 @@ async def handle(request: web.Request) -> web.StreamResponse:
     key = normalize(name).lower()
     pulls: dict[str, _Pull] = proxy.pulls
     job = pulls.get(key)
-    if job is None or job.done:
-        job = pulls[key] = _Pull()
-        upstream_body = json.dumps({**data, "stream": True}).encode()
-        job.task = asyncio.get_running_loop().create_task(_run(proxy, job, upstream_body))
+    with accounted(proxy, begin(proxy, request, name, reason="pull_joined")) as access:
+        if job is None or job.done:
+            inst = proxy.healthy()[0]
+            job = pulls[key] = _Pull(instance=inst.name)
+            upstream_body = json.dumps({**data, "stream": True}).encode()
+            job.task = asyncio.get_running_loop().create_task(_run(proxy, inst, job, upstream_body))
+            access.reason = "pull"
+        access.instance = job.instance
+        response = await _answer(request, job, stream=stream)
+        access.status = response.status
+        return response
+
+
+async def _answer(request: web.Request, job: _Pull, *, stream: bool) -> web.StreamResponse:
+    """The pull's progress as it comes (or its summary), however many clients asked for it."""
     if not stream:
         while not job.done:
             job.changed.clear()
@@ -74,9 +88,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     return out
 
 
-async def _run(proxy: Proxy, job: _Pull, body: bytes) -> None:
-    """Pull through the first healthy instance; it keeps going if every client leaves."""
-    inst = proxy.healthy()[0]
+async def _run(proxy: Proxy, inst: InstanceState, job: _Pull, body: bytes) -> None:
+    """Pull through ``inst`` (the first healthy one); it keeps going if every client leaves."""
     try:
         async with proxy.client().post(inst.url + "/api/pull", data=body) as resp:
             if resp.status != 200:

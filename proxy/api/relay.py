@@ -12,13 +12,13 @@ import hashlib
 import json
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from proxy.api.access import CLIENT_GONE, Access, accounted, begin, body_model
 from proxy.api.context import PROXY, Proxy
 from proxy.api.http import error_body, error_response
 from proxy.balancer.queue import Lease
@@ -74,22 +74,23 @@ async def handle(request: web.Request) -> web.StreamResponse:
     info = parse(body, request.headers)
     if info is None or not proxy.book.known(info.model):
         return await passthrough(request, body)
-    if info.unload:
-        return await _unload_everywhere(request, body, info)
-    return await _routed(proxy, request, body, info)
+    with accounted(proxy, begin(proxy, request, info.model)) as access:
+        if info.unload:
+            return await _unload_everywhere(request, body, info, access)
+        return await _routed(proxy, request, body, info, access)
 
 
 async def _routed(
-    proxy: Proxy, request: web.Request, body: bytes, info: ModelRequest
+    proxy: Proxy, request: web.Request, body: bytes, info: ModelRequest, access: Access
 ) -> web.StreamResponse:
-    started = time.monotonic()
-    rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:12]
-    label = proxy.model_label(info.model)
+    label = access.model_label
     tried: list[str] = []
     failure: UpstreamError | None = None
     for attempt in range(ATTEMPTS):
         lease = await proxy.dispatcher.acquire(info.model, session=info.session, exclude=tried)
         proxy.metrics.queue_wait.labels(label).observe(lease.queued_s)
+        access.instance, access.reason = lease.instance.name, lease.decision.reason
+        access.queue_wait = (access.queue_wait or 0.0) + lease.queued_s
         if attempt:
             proxy.metrics.retries.inc()
         try:
@@ -102,12 +103,14 @@ async def _routed(
             tried.append(lease.instance.name)
             failure = exc
             continue
-        return await _relay(proxy, request, resp, lease, rid=rid, started=started, label=label)
+        access.status = resp.status
+        return await _relay(proxy, request, resp, lease, access)
     assert failure is not None
-    _log(rid, request, info.model, tried[-1] if tried else "-", "failed", 0.0, None, 502, started)
-    proxy.metrics.requests.labels(request.path, label, tried[-1], "502").inc()
+    access.error = failure.message
     if isinstance(failure, UpstreamStatus):
+        access.status = failure.status
         return web.Response(status=failure.status, body=failure.body, headers=failure.headers)
+    access.status = 502
     return error_response(request.path, 502, f"no instance could answer: {failure.message}")
 
 
@@ -116,10 +119,7 @@ async def _relay(
     request: web.Request,
     resp: aiohttp.ClientResponse,
     lease: Lease,
-    *,
-    rid: str,
-    started: float,
-    label: str,
+    access: Access,
 ) -> web.StreamResponse:
     inst = lease.instance
     proxy.dispatcher.loaded(lease)
@@ -130,27 +130,19 @@ async def _relay(
     finally:
         resp.close()  # also on cancellation: dropping the connection stops the generation
         proxy.dispatcher.release(lease)
-    duration = time.monotonic() - started
-    ttft = (watcher.first_byte - started) if watcher.first_byte else None
+    duration = time.monotonic() - access.started
+    ttft = (watcher.first_byte - access.started) if watcher.first_byte else None
     streamed = out.headers.get("Content-Type", "").startswith(STREAM_TYPES)
-    _account(proxy, lease, label, watcher.final, duration, ttft, streamed=streamed)
+    access.ttft = ttft
+    access.prompt_tokens, access.eval_tokens = _account(
+        proxy, lease, access.model_label, watcher.final, duration, ttft, streamed=streamed
+    )
     if broken:
         proxy.metrics.upstream_errors.labels(inst.name, "midstream").inc()
-    status = out.status
-    proxy.metrics.requests.labels(request.path, label, inst.name, str(status)).inc()
-    _log(
-        rid,
-        request,
-        lease.model,
-        inst.name,
-        lease.decision.reason,
-        lease.queued_s,
-        ttft,
-        status,
-        started,
-        final=watcher.final,
-        broken=broken,
-    )
+        access.error = broken
+    access.status = out.status
+    if watcher.client_gone:
+        access.status, access.error = CLIENT_GONE, "the client went away"
     return out
 
 
@@ -163,11 +155,13 @@ def _account(
     ttft: float | None,
     *,
     streamed: bool,
-) -> None:
+) -> tuple[int | None, int | None]:
+    """Histograms, load/service timings and token counts; returns (prompt, eval) tokens."""
     metrics = proxy.metrics
     metrics.duration.labels(label).observe(duration)
     if ttft is not None:
         metrics.ttft.labels(label).observe(ttft)
+        lease.instance.recent_ttft.append(ttft)
     # Timings are learned in the proxy's own clock (an emulator may run compressed time): a warm
     # request's slot time is its service time; a cold stream's first byte bounds its load time.
     stats = proxy.book.stats(lease.model)
@@ -178,7 +172,7 @@ def _account(
     else:
         stats.observe_service(max(duration - lease.queued_s, 0.0))
     if not final:
-        return
+        return None, None
     usage = final.get("usage") if isinstance(final.get("usage"), dict) else None
     prompt = final.get("prompt_eval_count") or (usage or {}).get("prompt_tokens") or 0
     generated = final.get("eval_count") or (usage or {}).get("completion_tokens") or 0
@@ -186,6 +180,7 @@ def _account(
         metrics.tokens.labels(lease.instance.name, label, "prompt").inc(prompt)
     if generated:
         metrics.tokens.labels(lease.instance.name, label, "eval").inc(generated)
+    return int(prompt), int(generated)
 
 
 def _count_failure(proxy: Proxy, inst: InstanceState, exc: UpstreamError) -> None:
@@ -200,13 +195,22 @@ async def passthrough(request: web.Request, body: bytes | None = None) -> web.St
     proxy = request.app[PROXY]
     if body is None:
         body = await request.read()
+    with accounted(proxy, begin(proxy, request, body_model(body), reason="passthrough")) as access:
+        return await _pass(proxy, request, body, access)
+
+
+async def _pass(
+    proxy: Proxy, request: web.Request, body: bytes, access: Access
+) -> web.StreamResponse:
     targets = proxy.healthy()
     if not targets:
+        access.status, access.reason = 503, "no_instance"
         return error_response(
             request.path, 503, "no healthy Ollama instance is available", {"Retry-After": "5"}
         )
     last: UpstreamError | None = None
     for inst in targets[:ATTEMPTS]:
+        access.instance = inst.name
         try:
             resp = await proxy.fwd().open(
                 inst, request.method, request.path_qs, request.headers, body
@@ -215,28 +219,42 @@ async def passthrough(request: web.Request, body: bytes | None = None) -> web.St
             _count_failure(proxy, inst, exc)
             last = exc
             continue
+        access.status = resp.status
+        watcher = StreamWatcher()
         try:
-            out, _ = await proxy.fwd().relay(resp, request, StreamWatcher())
+            out, broken = await proxy.fwd().relay(resp, request, watcher)
         finally:
             resp.close()
+        access.error = broken or ""
+        if watcher.client_gone:
+            access.status, access.error = CLIENT_GONE, "the client went away"
         return out
+    access.error = last.message if last else "no instance answered"
     if isinstance(last, UpstreamStatus):
+        access.status = last.status
         return web.Response(status=last.status, body=last.body, headers=last.headers)
-    message = last.message if last else "no instance answered"
+    access.status = 502
     return web.Response(
-        status=502, body=error_body(request.path, 502, message), content_type="application/json"
+        status=502,
+        body=error_body(request.path, 502, access.error),
+        content_type="application/json",
     )
 
 
 async def _unload_everywhere(
-    request: web.Request, body: bytes, info: ModelRequest
+    request: web.Request, body: bytes, info: ModelRequest, access: Access
 ) -> web.StreamResponse:
     """keep_alive 0 with an empty prompt unloads the model on every instance that has it."""
     proxy = request.app[PROXY]
     model = normalize(info.model)
     holders = [i for i in proxy.healthy() if model in i.loaded] or proxy.healthy()[:1]
+    access.reason = "unload"
     if not holders:
-        return await passthrough(request, body)
+        access.status = 503
+        return error_response(
+            request.path, 503, "no healthy Ollama instance is available", {"Retry-After": "5"}
+        )
+    access.instance = holders[0].name if len(holders) == 1 else "all"
     session = proxy.client()
     headers = {"Content-Type": "application/json"}
 
@@ -249,41 +267,10 @@ async def _unload_everywhere(
         inst.loaded.pop(model, None)
     answered = [r for r in results if isinstance(r, tuple)]
     if not answered:
+        access.status = 502
         return error_response(request.path, 502, "no instance answered the unload")
     status, payload = answered[0]
+    access.status = status
     return web.Response(
         status=status, body=payload, content_type="application/json", charset="utf-8"
-    )
-
-
-def _log(
-    rid: str,
-    request: web.Request,
-    model: str,
-    instance: str,
-    decision: str,
-    queued: float,
-    ttft: float | None,
-    status: int,
-    started: float,
-    *,
-    final: dict[str, Any] | None = None,
-    broken: str | None = None,
-) -> None:
-    tokens = (final or {}).get("eval_count", "-")
-    log.info(
-        "id=%s %s %s model=%s instance=%s decision=%s queue_wait=%.3f ttft=%s tokens=%s "
-        "status=%d duration=%.3f%s",
-        rid,
-        request.method,
-        request.path,
-        model,
-        instance,
-        decision,
-        queued,
-        f"{ttft:.3f}" if ttft is not None else "-",
-        tokens,
-        status,
-        time.monotonic() - started,
-        f" error={broken!r}" if broken else "",
     )

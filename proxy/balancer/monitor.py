@@ -101,6 +101,8 @@ class Monitor:
             state = "up" if healthy else "down"
             log.log(level, "instance %s (%s) is %s: %s", inst.name, inst.url, state, why)
             inst.healthy = healthy
+            if not healthy:
+                inst.gpus = ()
             self._on_change()
 
     async def _get_json(self, url: str) -> Any:
@@ -135,8 +137,13 @@ class Monitor:
         source = self._gpu_sources.get(inst.name)
         if source is None:
             return
-        readings = await source.read()
+        try:
+            readings = await source.read()
+        except BaseException:
+            inst.gpus = ()  # stale readings must not feed the GPU gauges
+            raise
         mine = [g for g in readings if not inst.gpu_uuids or g.uuid in inst.gpu_uuids]
+        inst.gpus = tuple(mine)
         if not mine:
             return
         inst.memory_total = sum(g.memory_total for g in mine)

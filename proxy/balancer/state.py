@@ -7,12 +7,16 @@ function that tests can feed by hand.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
+from proxy.gpu import GpuReading
 from proxy.names import normalize
 
 GIB = 1024**3
 _EWMA = 0.2
+RECENT = 50
+"""Times to first token kept per instance for ``/proxy/status``."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,7 +49,14 @@ class InstanceState:
     memory_free: int | None = None
     """Bytes free over the instance's GPUs; None until the GPU source answered."""
     utilization: float = 0.0
+    gpus: tuple[GpuReading, ...] = ()
+    """What the GPU source last read for this instance's GPUs; empty while it is down."""
+    gpu_labels: dict[str, str] = field(default_factory=dict)
+    """GPU uuid -> the ``gpu`` metric label, where the config knows the GPU's host-wide index."""
     version: str = ""
+    recent_ttft: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
+    reasons: dict[str, int] = field(default_factory=dict)
+    """Requests bound here, by the policy's reason (for ``/proxy/status``)."""
 
     def inflight_total(self) -> int:
         return sum(self.inflight.values())
@@ -67,7 +78,6 @@ class InstanceState:
             inflight=self.inflight_total(),
             inflight_model=self.inflight.get(model, 0),
             warm=self.is_warm(model),
-            model_loading=model in self.loading,
             loading=bool(self.loading),
             free_vram=self.free_vram(),
             idle_models=len(set(self.loaded) - busy_models),
@@ -88,8 +98,6 @@ class InstanceView:
     inflight_model: int
     warm: bool
     """The model is loaded there, or the proxy is loading it there."""
-    model_loading: bool = False
-    """The proxy is loading this very model there: nothing else can start on it until it is up."""
     loading: bool
     """Some model is loading there; Ollama loads one model at a time, so it counts as busy."""
     free_vram: int | None
@@ -102,8 +110,9 @@ class InstanceView:
 
     @property
     def available(self) -> bool:
-        """A slot is free for the model: the request can start there now, not wait inside Ollama."""
-        return not self.model_loading and self.inflight_model < self.slots
+        """A slot is free for the model: the request starts there as soon as the model is loaded,
+        never behind other requests inside Ollama."""
+        return self.inflight_model < self.slots
 
 
 @dataclass(frozen=True, kw_only=True)

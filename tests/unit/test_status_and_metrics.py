@@ -1,0 +1,240 @@
+"""Metrics collectors, access-log lines and the status table, fed by hand (no sockets)."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from proxy.api.access import Access, body_model, quote
+from proxy.api.admin import ttft_summary
+from proxy.balancer.state import InstanceState, ModelBook
+from proxy.gpu import GpuReading
+from proxy.metrics import gpu_families, gpu_readings, model_label
+from proxy.status import CLEAR, bar, normalize_url, render, run_status
+
+GIB = 1024**3
+
+
+def reading(index: int, uuid: str, used: int, total: int = 24 * GIB) -> GpuReading:
+    return GpuReading(
+        index=index,
+        uuid=uuid,
+        name="emu",
+        memory_total=total,
+        memory_used=used,
+        memory_free=total - used,
+        utilization=0.5,
+    )
+
+
+def test_gpu_gauges_use_the_configured_index_once_per_gpu_and_never_collide() -> None:
+    a = InstanceState(name="a", url="", slots=1, gpu_labels={"GPU-a": "2"})
+    a.gpus = (reading(0, "GPU-a", 3 * GIB),)
+    b = InstanceState(name="b", url="", slots=1)  # a remote host: its own index 0 and 1
+    b.gpus = (reading(0, "GPU-b", GIB), reading(1, "GPU-c", 0))
+    c = InstanceState(name="c", url="", slots=1)  # another remote host, index 0 again
+    c.gpus = (reading(0, "GPU-d", 0), reading(0, "GPU-a", 3 * GIB))  # and a GPU a also has
+    assert [(gpu, r.uuid) for gpu, r in gpu_readings([a, b, c])] == [
+        ("2", "GPU-a"),
+        ("0", "GPU-b"),
+        ("1", "GPU-c"),
+        ("c:0", "GPU-d"),
+    ]
+    registry = CollectorRegistry()
+
+    class Gpus:
+        def collect(self):  # type: ignore[no-untyped-def]
+            return gpu_families([a, b, c])
+
+    registry.register(Gpus())
+    get = registry.get_sample_value
+    assert get("ollamux_gpu_memory_used_bytes", {"gpu": "2", "uuid": "GPU-a"}) == 3 * GIB
+    assert get("ollamux_gpu_memory_free_bytes", {"gpu": "0", "uuid": "GPU-b"}) == 23 * GIB
+    assert get("ollamux_gpu_memory_total_bytes", {"gpu": "c:0", "uuid": "GPU-d"}) == 24 * GIB
+    assert get("ollamux_gpu_utilization_ratio", {"gpu": "1"}) == 0.5
+
+
+def test_model_label_is_bounded() -> None:
+    book = ModelBook()
+    book.set_file_size("llama3.2:1b", 1)
+    label = model_label(book)
+    assert label("llama3.2:1b") == "llama3.2:1b"
+    assert label("registry.ollama.ai/library/llama3.2:1b") == "llama3.2:1b"
+    assert label("made-up:7b") == "other" and label("") == "none"
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("llama3.2:1b", "llama3.2:1b"),
+        ("hf.co/org/model:Q4_K_M", "hf.co/org/model:Q4_K_M"),
+        ("two words", '"two words"'),
+        ('a"quote', '"a\\"quote"'),
+        ("line\nbreak", '"line\\nbreak"'),
+        ("", '""'),
+        ("x" * 300, json.dumps("x" * 200)),
+    ],
+)
+def test_log_values_are_quoted_when_not_plain(value: str, shown: str) -> None:
+    assert quote(value) == shown
+
+
+def test_access_line_and_record() -> None:
+    access = Access(
+        request_id="r1",
+        method="POST",
+        path="/api/chat",
+        endpoint="/api/chat",
+        model="llama3.2:1b",
+        model_label="llama3.2:1b",
+        started=0.0,
+        at=1000.0,
+        instance="gpu1",
+        reason="warm",
+        queue_wait=0.0123,
+        ttft=0.5,
+        prompt_tokens=10,
+        eval_tokens=20,
+        status=200,
+        duration=1.25,
+    )
+    assert access.line() == (
+        "request_id=r1 method=POST path=/api/chat model=llama3.2:1b instance=gpu1 reason=warm "
+        "queue_wait=0.012 ttft=0.500 prompt_tokens=10 eval_tokens=20 status=200 duration=1.250"
+    )
+    access.error, access.ttft = "upstream broke: reset", None
+    assert access.line().endswith('ttft=- prompt_tokens=10 eval_tokens=20 status=200 '
+                                  'duration=1.250 error="upstream broke: reset"')  # fmt: skip
+    assert access.record()["instance"] == "gpu1" and access.record()["ttft"] is None
+
+
+def test_body_model_reads_small_json_only() -> None:
+    assert body_model(b'{"model": "m:1b"}') == "m:1b"
+    assert body_model(b'{"name": "m"}') == "m"
+    assert body_model(b"[1]") == "" and body_model(b"{bad") == "" and body_model(b"") == ""
+    assert body_model(b'{"model": 3}') == ""
+    assert body_model(b'{"model": "m", "x": "' + b"a" * (2 << 20) + b'"}') == ""
+
+
+def test_ttft_summary() -> None:
+    assert ttft_summary([]) == {"count": 0, "p50": None, "p95": None, "last": None}
+    summary = ttft_summary([float(i) for i in range(1, 101)])
+    assert summary == {"count": 100, "p50": 50.5, "p95": 95.0, "last": 100.0}
+
+
+def status_doc() -> dict[str, object]:
+    gpu = {"gpu": "0", "uuid": "GPU-a", "memory_total": 24 * GIB, "utilization": 0.25}
+    return {
+        "version": "0.1.0",
+        "uptime_s": 3725,
+        "policy": "vram_queue",
+        "queues": {"llama3.2:1b": 3},
+        "queued": 3,
+        "queue_limits": {"max_per_model": 64, "max_total": 512, "timeout": 300},
+        "instances": [
+            {
+                "name": "gpu0",
+                "state": "up",
+                "gpus": [
+                    {**gpu, "memory_used": 12 * GIB},
+                    {**gpu, "gpu": "1", "uuid": "GPU-b", "memory_used": 0},
+                ],
+                "slots": 4,
+                "inflight_total": 2,
+                "loaded": [{"name": "llama3.2:1b", "size_vram": 2 * GIB}],
+                "loading": ["qwen3:8b"],
+                "ttft": {"count": 3, "p50": 0.25, "p95": 1.5, "last": 0.3},
+                "reasons": {"warm": 5, "cold_fit": 1},
+            },
+            {"name": "gpu1", "state": "down", "gpus": [], "slots": 4, "loaded": []},
+        ],
+        "recent": [
+            {
+                "at": 990.0,
+                "endpoint": "/api/chat",
+                "model": "llama3.2:1b",
+                "instance": "gpu0",
+                "reason": "warm",
+                "status": 200,
+                "queue_wait": 0.0,
+                "ttft": 0.25,
+                "eval_tokens": 8,
+            }
+        ],
+    }
+
+
+def test_status_table_shows_gpus_with_bars_models_and_why() -> None:
+    text = render(status_doc(), url="localhost:11434", now=1000.0)
+    lines = text.splitlines()
+    assert lines[0] == (
+        "ollamux 0.1.0 at http://localhost:11434 | policy vram_queue | up 1h02m | "
+        "queued 3 (max 64/model)"
+    )
+    row = next(line for line in lines if line.startswith("gpu0"))
+    assert "[" + "█" * 10 + "░" * 10 + "]  12.0/24.0 GiB  50%" in row
+    assert "25%" in row and "2/4" in row and "0.25s/1.50s" in row
+    assert "warm:5 cold_fit:1" in row and "llama3.2:1b (2.0 GiB), qwen3:8b (loading)" in row
+    second = lines[lines.index(row) + 1]
+    assert second.split()[0] == "1" and "░" * 20 in second  # the instance's second GPU
+    down = next(line for line in lines if line.startswith("gpu1"))
+    assert "down" in down and "(no GPU reading)" in down
+    assert "Queues: llama3.2:1b 3" in text
+    recent = lines[lines.index("Recent requests (newest first):") + 2]
+    assert re.split(r"\s{2,}", recent) == [
+        "10s",
+        "/api/chat",
+        "llama3.2:1b",
+        "gpu0",
+        "warm",
+        "200",
+        "0.00s",
+        "0.25s",
+        "8",
+    ]
+
+
+def test_bar_and_url() -> None:
+    assert bar(0.0, 4) == "[░░░░]" and bar(1.2, 4) == "[████]" and bar(0.5, 4) == "[██░░]"
+    assert normalize_url("127.0.0.1:11434/") == "http://127.0.0.1:11434"
+    assert normalize_url("https://box") == "https://box"
+
+
+def test_watch_redraws_in_place_and_survives_a_missing_proxy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from proxy import status
+
+    answers = iter([status_doc(), None, status_doc()])
+
+    def fake_fetch(url: str, *, timeout: float = 5.0) -> dict[str, object]:
+        doc = next(answers)
+        if doc is None:
+            raise status.OllamuxError("cannot reach the proxy at x")
+        return doc
+
+    monkeypatch.setattr(status, "fetch_status", fake_fetch)
+    monkeypatch.setattr(status.time, "sleep", lambda _s: None)
+    out = io.StringIO()
+    run_status("x", watch=True, rounds=3, out=out)
+    frames = out.getvalue().split(CLEAR)
+    assert frames[0] == "" and len(frames) == 4
+    assert "INSTANCE" in frames[1] and "cannot reach the proxy" in frames[2]
+    assert "INSTANCE" in frames[3]
+
+
+def test_ascii_fallback_when_the_terminal_cannot_draw_blocks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from proxy import status
+
+    monkeypatch.setattr(status, "fetch_status", lambda url, timeout=5.0: status_doc())
+    out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    run_status("x", out=out)
+    out.flush()
+    text = out.buffer.getvalue().decode()  # type: ignore[attr-defined]
+    assert "[##########..........]" in text
