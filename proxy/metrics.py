@@ -12,7 +12,7 @@ from prometheus_client.registry import Collector
 from proxy.balancer.queue import Dispatcher
 from proxy.balancer.state import InstanceState, ModelBook
 from proxy.gpu import GpuReading
-from proxy.names import normalize
+from proxy.names import model_key
 
 # LLM latencies: 10 ms .. 5 min
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
@@ -206,7 +206,7 @@ def model_label(book: ModelBook) -> Callable[[str], str]:
     def label(model: str) -> str:
         if not model:
             return NO_MODEL
-        return normalize(model) if book.known(model) else "other"
+        return model_key(model) if book.known(model) else "other"
 
     return label
 

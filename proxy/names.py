@@ -41,3 +41,8 @@ def full_name(name: str) -> str:
     if short.count("/") == 1:
         return f"registry.ollama.ai/{short}"
     return short
+
+
+def model_key(name: str) -> str:
+    """How the router keys a model: display form, lower-cased (Ollama matches names that way)."""
+    return normalize(name).lower()

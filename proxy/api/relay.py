@@ -25,7 +25,7 @@ from proxy.balancer.queue import Lease
 from proxy.balancer.state import InstanceState
 from proxy.errors import UpstreamConnectError, UpstreamError, UpstreamStatus
 from proxy.forward import StreamWatcher
-from proxy.names import normalize
+from proxy.names import model_key
 
 log = logging.getLogger("ollamux.access")
 
@@ -246,7 +246,7 @@ async def _unload_everywhere(
 ) -> web.StreamResponse:
     """keep_alive 0 with an empty prompt unloads the model on every instance that has it."""
     proxy = request.app[PROXY]
-    model = normalize(info.model)
+    model = model_key(info.model)
     holders = [i for i in proxy.healthy() if model in i.loaded] or proxy.healthy()[:1]
     access.reason = "unload"
     if not holders:

@@ -12,7 +12,7 @@ import aiohttp
 from proxy.balancer.state import InstanceState, LoadedModel, ModelBook
 from proxy.config import TimeoutConfig
 from proxy.gpu import GpuSource
-from proxy.names import normalize
+from proxy.names import model_key
 
 log = logging.getLogger("ollamux.health")
 
@@ -114,7 +114,7 @@ class Monitor:
         data = await self._get_json(inst.url + "/api/ps")
         loaded = {}
         for entry in data.get("models") or []:
-            name = normalize(str(entry.get("name") or entry.get("model", "")))
+            name = model_key(str(entry.get("name") or entry.get("model", "")))
             size_vram = int(entry.get("size_vram", 0))
             loaded[name] = LoadedModel(
                 name=name, size_vram=size_vram, context_length=int(entry.get("context_length", 0))

@@ -19,7 +19,7 @@ from proxy.balancer.policy import Decision, Policy
 from proxy.balancer.state import InstanceState, LoadedModel, ModelBook, RouteRequest
 from proxy.config import QueueConfig
 from proxy.errors import NoHealthyInstance, QueueFull, QueueTimeout
-from proxy.names import normalize
+from proxy.names import model_key
 
 _SESSIONS_KEPT = 10_000
 
@@ -77,7 +77,7 @@ class Dispatcher:
 
     async def acquire(self, model: str, *, session: str = "", exclude: Iterable[str] = ()) -> Lease:
         """Wait for a slot for ``model``; raises QueueFull, QueueTimeout or NoHealthyInstance."""
-        model = normalize(model)
+        model = model_key(model)
         excluded = frozenset(exclude)
         if not any(i.healthy and not i.draining for i in self._candidates(excluded)):
             raise NoHealthyInstance("no healthy Ollama instance is available", retry_after=5)
@@ -151,7 +151,7 @@ class Dispatcher:
 
     def depth(self, model: str | None = None) -> int:
         if model is not None:
-            return len(self._queues.get(normalize(model), ()))
+            return len(self._queues.get(model_key(model), ()))
         return sum(len(q) for q in self._queues.values())
 
     def depths(self, *, empty: bool = False) -> dict[str, int]:

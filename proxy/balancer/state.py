@@ -11,7 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from proxy.gpu import GpuReading
-from proxy.names import normalize
+from proxy.names import model_key
 
 GIB = 1024**3
 _EWMA = 0.2
@@ -154,20 +154,20 @@ class ModelBook:
         self._file_size: dict[str, int] = {}
 
     def stats(self, model: str) -> ModelStats:
-        return self._stats.setdefault(normalize(model), ModelStats())
+        return self._stats.setdefault(model_key(model), ModelStats())
 
     def set_file_size(self, model: str, size: int) -> None:
-        self._file_size[normalize(model)] = size
+        self._file_size[model_key(model)] = size
 
     def known(self, model: str) -> bool:
-        return normalize(model) in self._file_size
+        return model_key(model) in self._file_size
 
     def known_names(self) -> list[str]:
         return sorted(self._file_size)
 
     def estimate_size(self, model: str) -> int:
         """Seen size in VRAM, else the file size plus room for KV cache and buffers."""
-        key = normalize(model)
+        key = model_key(model)
         seen = self._stats.get(key)
         if seen is not None and seen.size_vram:
             return seen.size_vram
@@ -176,14 +176,14 @@ class ModelBook:
 
     def estimate_load_s(self, model: str) -> float:
         """Seen load time, else Ollama's typical 1.5 s plus reading the file at ~5 GB/s."""
-        key = normalize(model)
+        key = model_key(model)
         seen = self._stats.get(key)
         if seen is not None and seen.load_s:
             return seen.load_s
         return 1.5 + self._file_size.get(key, 4 * GIB) / 5e9
 
     def estimate_service_s(self, model: str) -> float:
-        seen = self._stats.get(normalize(model))
+        seen = self._stats.get(model_key(model))
         return seen.service_s if seen is not None and seen.service_s else 10.0
 
 

@@ -265,3 +265,16 @@ async def test_errors_are_exactly_ollamas(box: Farm, method: str, path: str, bod
             got = (r.status, await r.read(), r.content_type)
     assert got == want
     assert want[0] >= 400
+
+
+async def test_model_names_match_case_insensitively_like_ollama(box: Farm) -> None:
+    reply = await box.ollama().generate(
+        model="LLAMA3.2:1B", prompt="hi", options={"num_predict": 2}
+    )
+    assert reply.eval_count == 2
+    assert (
+        box.sample(
+            "ollamux_routing_decisions_total", {"policy": "vram_queue", "reason": "cold_fit"}
+        )
+        == 1
+    )
