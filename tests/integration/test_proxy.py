@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from pathlib import Path
 
@@ -278,3 +279,31 @@ async def test_model_names_match_case_insensitively_like_ollama(box: Farm) -> No
         )
         == 1
     )
+
+
+async def test_create_push_and_blobs_go_through_to_the_shared_store(box: Farm) -> None:
+    client = box.ollama()
+    progress = [
+        p.status
+        async for p in await client.create(
+            model="helper:latest", from_=MODEL, system="be brief", stream=True
+        )
+    ]
+    assert progress[-1] == "success"
+    assert "helper:latest" in {m.model for m in (await client.list()).models}
+    reply = await client.chat(
+        model="helper", messages=[{"role": "user", "content": "x"}], options={"num_predict": 2}
+    )
+    assert reply.eval_count == 2  # routed like any model once the lists show it
+    pushed = [p.status async for p in await client.push("helper:latest", stream=True)]
+    assert pushed[-1] == "success"
+    digest = "sha256:" + "0" * 64
+    async with aiohttp.ClientSession() as s, s.head(box.url + f"/api/blobs/{digest}") as r:
+        assert r.status == 404
+    data = b"layer bytes"
+    real = "sha256:" + hashlib.sha256(data).hexdigest()
+    async with aiohttp.ClientSession() as s:
+        async with s.post(box.url + f"/api/blobs/{real}", data=data) as r:
+            assert r.status == 201
+        async with s.head(box.url + f"/api/blobs/{real}") as r:
+            assert r.status == 200
