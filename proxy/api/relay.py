@@ -59,12 +59,22 @@ def parse(body: bytes, headers: Any) -> ModelRequest | None:
     messages = data.get("messages")
     session = headers.get(SESSION_HEADER, "")
     if not session and isinstance(messages, list) and messages:
-        first = json.dumps(messages[:2], sort_keys=True, default=str).encode()
-        session = hashlib.sha256(model.encode() + first).hexdigest()[:16]
+        session = _conversation_key(model, messages)
     empty = not data.get("prompt") and not messages
     keep_alive = data.get("keep_alive")
     unload = empty and keep_alive in (0, "0", "0s", 0.0) and "input" not in data
     return ModelRequest(model=model, session=session, unload=unload)
+
+
+def _conversation_key(model: str, messages: list[Any]) -> str:
+    """Messages up to the first user turn: the same for every turn of one conversation."""
+    head = []
+    for message in messages:
+        head.append(message)
+        if isinstance(message, dict) and message.get("role") == "user":
+            break
+    first = json.dumps(head, sort_keys=True, default=str).encode()
+    return hashlib.sha256(model.encode() + first).hexdigest()[:16]
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
