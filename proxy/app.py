@@ -12,6 +12,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy.api import admin, ollama, openai, relay
+from proxy.api import instances as instances_api
 from proxy.api.context import PROXY, Proxy
 from proxy.api.http import errors_middleware
 from proxy.balancer.monitor import Monitor
@@ -23,6 +24,7 @@ from proxy.errors import ConfigError
 from proxy.forward import Forwarder
 from proxy.gpu import GpuSource
 from proxy.gpu.http import HttpGpuSource
+from proxy.gpu.nvml import local_gpu_source
 from proxy.metrics import LiveCollector, Metrics, model_label
 
 log = logging.getLogger("ollamux.proxy")
@@ -59,7 +61,12 @@ def instance_states(config: Config) -> list[InstanceState]:
     return states
 
 
-def build_app(config: Config, *, registry: CollectorRegistry | None = None) -> web.Application:
+def build_app(
+    config: Config,
+    *,
+    registry: CollectorRegistry | None = None,
+    launcher: instances_api.InstanceLauncher | None = None,
+) -> web.Application:
     """The proxy in front of ``config.instances``; the monitor starts with the app."""
     registry = registry if registry is not None else CollectorRegistry()
     instances = instance_states(config)
@@ -80,6 +87,7 @@ def build_app(config: Config, *, registry: CollectorRegistry | None = None) -> w
     app = web.Application(middlewares=[errors_middleware], client_max_size=1 << 30)
     app[PROXY] = proxy
     app.add_routes(ollama.routes() + openai.routes() + admin.routes(registry))
+    instances_api.install(app, launcher)  # /proxy/instances: list, drain, undrain, restart
     app.router.add_route("*", "/{tail:.*}", _anything_else)
     app.cleanup_ctx.append(_lifecycle)
     return app
@@ -91,11 +99,19 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
     proxy.session = session
-    proxy.forwarder = Forwarder(session, connect_timeout=proxy.config.timeouts.connect)
+    proxy.forwarder = Forwarder(
+        session,
+        connect_timeout=proxy.config.timeouts.connect,
+        first_byte_timeout=proxy.config.timeouts.first_byte,
+    )
     sources: dict[str, GpuSource] = {}
     for inst_config, inst in zip(_configured(proxy.config), proxy.instances, strict=True):
         if inst_config == "emulated":
             sources[inst.name] = HttpGpuSource(session, inst.url + "/gpus")
+        elif inst_config in ("process", "systemd"):  # on this host: NVML, if it works here
+            local = local if local is not None else await local_gpu_source()
+            if local is not None:
+                sources[inst.name] = local
     monitor = Monitor(
         proxy.instances,
         proxy.book,

@@ -194,9 +194,12 @@ class TimeoutConfig:
     health_timeout: Duration = 2.0
     start: Duration = 60.0
     """How long an instance may take to answer its first health check."""
+    first_byte: Duration = 300.0
+    """How long an instance may take to start answering (a cold load included) before the
+    request is retried elsewhere; Ollama's own load timeout is 5 minutes."""
 
     def __post_init__(self) -> None:
-        for name in ("connect", "health_interval", "health_timeout", "start"):
+        for name in ("connect", "health_interval", "health_timeout", "start", "first_byte"):
             _check(getattr(self, name) > 0, name, "must be > 0, e.g. 5s")
 
 

@@ -95,11 +95,14 @@ class StreamWatcher:
 class Forwarder:
     """Opens requests to instances over one pooled client session."""
 
-    def __init__(self, session: aiohttp.ClientSession, *, connect_timeout: float) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, *, connect_timeout: float, first_byte_timeout: float
+    ) -> None:
         self._session = session
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=connect_timeout, sock_connect=connect_timeout
         )
+        self._first_byte = first_byte_timeout
 
     async def open(
         self,
@@ -115,17 +118,21 @@ class Forwarder:
         so it can be relayed as is if no other instance does better).
         """
         try:
-            resp = await self._session.request(
-                method,
-                inst.url + path_qs,
-                headers=upstream_headers(headers),
-                data=body or None,
-                timeout=self._timeout,
-                allow_redirects=False,
-                auto_decompress=False,
+            # Ollama sends its headers with the first chunk, so this bounds the wait for it
+            resp = await asyncio.wait_for(
+                self._session.request(
+                    method,
+                    inst.url + path_qs,
+                    headers=upstream_headers(headers),
+                    data=body or None,
+                    timeout=self._timeout,
+                    allow_redirects=False,
+                    auto_decompress=False,
+                ),
+                self._first_byte,
             )
         except asyncio.TimeoutError as exc:
-            raise UpstreamTimeout(inst.name, "connect timed out") from exc
+            raise UpstreamTimeout(inst.name, "no answer in time") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamConnectError(inst.name, str(exc) or type(exc).__name__) from exc
         if resp.status >= 500:

@@ -109,7 +109,12 @@ async def farm(
             ],
             "emulator": {"gpus": [{"name": s.name, "memory_gib": s.memory_gib} for s in specs]},
             "routing": {"policy": policy, **(routing or {})},
-            "timeouts": {"health_interval": 0.2, "health_timeout": 1.0, "connect": 1.0},
+            "timeouts": {
+                "health_interval": 0.2,
+                "health_timeout": 1.0,
+                "connect": 1.0,
+                "first_byte": 2.0,
+            },
             "queue": {"timeout": 30, **(queue or {})},
         }
         config = config_from_dict(raw, source="test")
