@@ -105,13 +105,13 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         first_byte_timeout=proxy.config.timeouts.first_byte,
     )
     sources: dict[str, GpuSource] = {}
+    on_host = {"process", "systemd"} & set(_configured(proxy.config))
+    local = await local_gpu_source() if on_host else None  # NVML, where it works
     for inst_config, inst in zip(_configured(proxy.config), proxy.instances, strict=True):
         if inst_config == "emulated":
             sources[inst.name] = HttpGpuSource(session, inst.url + "/gpus")
-        elif inst_config in ("process", "systemd"):  # on this host: NVML, if it works here
-            local = local if local is not None else await local_gpu_source()
-            if local is not None:
-                sources[inst.name] = local
+        elif inst_config in on_host and local is not None:
+            sources[inst.name] = local
     monitor = Monitor(
         proxy.instances,
         proxy.book,

@@ -100,7 +100,60 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
     status.add_argument("--interval", type=float, default=2.0, metavar="S", help="with --watch")
     status.add_argument("--json", action="store_true", help="print /proxy/status as JSON")
+    _add_instance_commands(commands)
     return parser
+
+
+def _add_instance_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`gpus`, `systemd ...` and `instances ...`: the per-GPU instances on this host."""
+    gpus = commands.add_parser("gpus", help="list this host's NVIDIA GPUs (NVML)")
+    gpus.add_argument("--json", action="store_true", help="JSON in the shape of GET /gpus")
+
+    systemd = commands.add_parser("systemd", help="run the instances and proxy as systemd units")
+    actions = systemd.add_subparsers(dest="systemd_command", metavar="ACTION", required=True)
+    render = actions.add_parser("render", help="write the units, env files and proxy config to DIR")
+    render.add_argument("--config", metavar="FILE", required=True)
+    render.add_argument("--out", metavar="DIR", required=True)
+    install = actions.add_parser(
+        "install", help="install and start the units; disable the stock ollama.service"
+    )
+    install.add_argument("--config", metavar="FILE", required=True)
+    uninstall = actions.add_parser(
+        "uninstall", help="undo install: stop and remove the units, restore ollama.service"
+    )
+    for sub in (install, uninstall):
+        sub.add_argument("--dry-run", action="store_true", help="print every step, do nothing")
+        sub.add_argument(
+            "--root",
+            metavar="DIR",
+            default="/",
+            help="install into a system image at DIR (files and enable/disable only)",
+        )
+    state = actions.add_parser("status", help="systemctl's view of ollamux's units")
+    state.add_argument("--config", metavar="FILE", help="list this config's instance units")
+
+    instances = commands.add_parser(
+        "instances",
+        help="list, drain, undrain or restart the instances of a running proxy",
+        description="List the instances of a running proxy, or drain (no new requests; those "
+        "in flight finish), undrain or restart one of them.",
+    )
+    instances.add_argument(
+        "action", nargs="?", default="list", choices=["list", "drain", "undrain", "restart"]
+    )
+    instances.add_argument("name", nargs="?", metavar="NAME", help="the instance")
+    instances.add_argument(
+        "--url",
+        default=os.environ.get("OLLAMUX_URL", "http://127.0.0.1:11434"),
+        help="the proxy (default: $OLLAMUX_URL, else http://127.0.0.1:11434)",
+    )
+    instances.add_argument(
+        "--token",
+        default=os.environ.get("OLLAMUX_ADMIN_TOKEN", ""),
+        help="the proxy's admin_token (default: $OLLAMUX_ADMIN_TOKEN)",
+    )
+    instances.add_argument("--wait", action="store_true", help="drain: until nothing is in flight")
+    instances.add_argument("--json", action="store_true", help="print the API's JSON")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -135,6 +188,18 @@ def _dispatch(args: argparse.Namespace) -> None:
         from proxy.instances.fleet import serve
 
         serve(load_config(args.config) if args.config else Config(), listen=args.listen)
+    elif args.command == "gpus":
+        from proxy.gpu.report import run_gpus
+
+        run_gpus(as_json=args.json)
+    elif args.command == "systemd":
+        _systemd(args)
+    elif args.command == "instances":
+        from proxy.instances.manage import run_instances
+
+        run_instances(
+            args.url, args.action, args.name, token=args.token, wait=args.wait, as_json=args.json
+        )
     elif args.command == "status":
         from proxy.status import run_status
 
@@ -159,3 +224,16 @@ def _dispatch(args: argparse.Namespace) -> None:
             quiet=args.quiet,
         )
         emulate(options, os.environ)
+
+
+def _systemd(args: argparse.Namespace) -> None:
+    from proxy.instances import systemctl
+
+    if args.systemd_command == "render":
+        systemctl.render_to(args.config, args.out)
+    elif args.systemd_command == "install":
+        systemctl.install(args.config, root=args.root, dry_run=args.dry_run)
+    elif args.systemd_command == "uninstall":
+        systemctl.uninstall(root=args.root, dry_run=args.dry_run)
+    else:
+        systemctl.status(args.config)

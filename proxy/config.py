@@ -151,6 +151,8 @@ class InstanceConfig:
         except DurationError as exc:
             fix = "use e.g. 5m, 1h or -1 (forever)"
             raise ConfigError(f"{exc}; {fix}", path="keep_alive") from None
+        for key in ("OLLAMA_HOST", "CUDA_VISIBLE_DEVICES"):
+            _check(key not in self.env, f"env.{key}", "is set by ollamux; use port and gpu instead")
         if self.launcher == "external":
             _check(
                 bool(self.url),
@@ -210,6 +212,10 @@ class Config:
     listen: str = "127.0.0.1:11434"
     models_dir: str = ""
     """Shared model store (OLLAMA_MODELS) of all instances; empty = Ollama's default."""
+    ollama_binary: str = ""
+    """The ``ollama`` executable of process and systemd instances; empty = ``ollama`` on PATH."""
+    admin_token: str = ""
+    """Bearer token of the admin actions (``POST /proxy/instances/...``); needed beyond loopback."""
     instances: tuple[InstanceConfig, ...] | Literal["auto"] = "auto"
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
@@ -223,6 +229,18 @@ class Config:
             parse_listen(self.listen)
         except ValueError as exc:
             raise ConfigError(str(exc), path="listen") from None
+        binary = self.ollama_binary
+        _check(
+            binary == binary.strip() and "\n" not in binary,
+            "ollama_binary",
+            "must be a path or a command name without spaces around it, e.g. /usr/local/bin/ollama",
+        )
+        token = self.admin_token
+        _check(
+            not token or (len(token) >= 16 and not any(c.isspace() for c in token)),
+            "admin_token",
+            "must be 16 or more characters without spaces, e.g. from: openssl rand -hex 32",
+        )
 
 
 def parse_listen(value: str) -> tuple[str, int]:

@@ -10,7 +10,7 @@ import yaml
 
 from proxy.config import Config, load_config
 
-__all__ = ["check_config", "dump_config"]
+__all__ = ["check_config", "dump_config", "plain"]
 
 
 def check_config(path: str) -> str:
@@ -29,19 +29,20 @@ def dump_config(config: Config) -> str:
     if not config.emulator.models:
         emulator = dataclasses.replace(config.emulator, models=DEFAULT_MODELS)
         config = dataclasses.replace(config, emulator=emulator)
-    tree = _plain(config)
+    tree = plain(config)
     del tree["source"]
     header = f"# {config.source}, resolved by ollamux config check\n" if config.source else ""
     return header + yaml.safe_dump(tree, sort_keys=False, allow_unicode=True, width=100)
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """A config (or any part of it) as plain YAML-able values, in the form the loader reads."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, float) and math.isinf(value):
         return -1  # durations: negative means forever
     return value

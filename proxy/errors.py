@@ -3,6 +3,7 @@
 OllamuxError
 ├── ConfigError            bad config file: names the file, the field path and a fix (CLI exit 2)
 ├── LaunchError            an instance could not be started or did not become ready
+├── GpuUnavailable         no NVIDIA GPU can be read: no NVML library, no driver, or no GPU (exit 1)
 ├── RoutingError           the proxy cannot place a request now (HTTP 503 + Retry-After)
 │   ├── QueueFull          the model's (or the total) wait queue is at its limit
 │   ├── QueueTimeout       the request waited longer than queue.timeout for a slot
@@ -41,6 +42,10 @@ class ConfigError(OllamuxError):
 
 class LaunchError(OllamuxError):
     """An instance process failed to start, died at once, or never answered its health check."""
+
+
+class GpuUnavailable(OllamuxError):
+    """NVML cannot report any GPU; the message is one sentence saying why and what to do."""
 
 
 class RoutingError(OllamuxError):

@@ -1,7 +1,8 @@
 """Supervised child servers: spawn, readiness, prefixed output, restarts, stop with no orphans.
 
 Generic over what runs: a :class:`ChildSpec` is a command, extra environment and a health URL that
-answers ``GET`` with 200 once the server is ready (an emulator, or a real ``ollama serve``).
+answers ``GET`` with 200 once the server is ready (an emulator, or a real ``ollama serve``); one
+running child is a :class:`~proxy.instances.child.Child`.
 
 No orphans: each child leads its own process group, so stopping signals the whole group
 (SIGTERM, then SIGKILL after ``stop_timeout``), and on Linux the kernel sends it SIGTERM when this
@@ -9,26 +10,23 @@ process dies, however it dies (``prctl(PR_SET_PDEATHSIG)``), SIGKILL included.
 
 Signal handlers only set an event (:func:`stop_on_signals`); one loop (:meth:`Supervisor.supervise`)
 notices crashed children and restarts them with exponential backoff, giving up on a child that
-crashes more than ``crash_limit`` times within ``crash_window`` seconds.
+crashes more than ``crash_limit`` times within ``crash_window`` seconds. :meth:`Supervisor.restart`
+restarts one child on request (the admin API's restart); the loop leaves that child alone meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import ctypes
 import logging
-import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import TextIO
 
-import aiohttp
-
 from proxy.errors import LaunchError
+from proxy.instances.child import Child, ChildSpec, describe_exit, label, wait_ready
 
 __all__ = [
     "Child",
@@ -41,25 +39,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
-PARENT_DEATH_SIGNAL = signal.SIGTERM
-"""What a child gets when its supervisor dies: SIGTERM, so a real Ollama still stops its runners."""
-_TAIL_LINES = 20
-
-
-@dataclass(frozen=True, kw_only=True)
-class ChildSpec:
-    """How to run one supervised server."""
-
-    name: str
-    argv: tuple[str, ...]
-    health_url: str
-    """Answers ``GET`` with 200 once the server is ready, e.g. ``http://127.0.0.1:11435/``."""
-    env: Mapping[str, str] = field(default_factory=dict)
-    """Added to (and overriding) the supervisor's own environment."""
-    label: str = ""
-    """Shown in log lines, e.g. ``GPU rtx4090-0 (24 GiB)``."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,152 +88,6 @@ async def unless_stopped(work: Awaitable[object], stop: asyncio.Event) -> bool:
     return True
 
 
-async def wait_ready(
-    url: str,
-    *,
-    timeout: float,
-    interval: float = 0.2,
-    probe_timeout: float = 2.0,
-    exited: Callable[[], int | None] = lambda: None,
-    name: str = "",
-    tail: Callable[[], str] = lambda: "",
-) -> None:
-    """Poll ``GET url`` until it answers 200; LaunchError if the child exits or time runs out."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    last = "no answer yet"
-    client_timeout = aiohttp.ClientTimeout(total=probe_timeout)
-    async with aiohttp.ClientSession(timeout=client_timeout) as session:
-        while True:
-            try:
-                async with session.get(url) as response:
-                    if response.status == 200:
-                        return
-                    last = f"HTTP {response.status}"
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            code = exited()
-            if code is not None:
-                raise LaunchError(
-                    f"instance {name} exited ({_describe_exit(code)}) before answering {url}"
-                    + _with_tail(tail())
-                )
-            if loop.time() >= deadline:
-                raise LaunchError(
-                    f"instance {name} did not answer {url} within {timeout:g} s "
-                    f"(last try: {last}); raise timeouts.start if it needs longer"
-                    + _with_tail(tail())
-                )
-            await asyncio.sleep(interval)
-
-
-class Child:
-    """One supervised process: its spec, the current process and the last lines it printed."""
-
-    def __init__(self, spec: ChildSpec, write: Callable[[str], None]) -> None:
-        self.spec = spec
-        self.process: asyncio.subprocess.Process | None = None
-        self.tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
-        self.crashes: collections.deque[float] = collections.deque()
-        self.restart_at: float | None = None
-        self.given_up = False
-        self._write = write
-        self._pump: asyncio.Task[None] | None = None
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
-
-    @property
-    def returncode(self) -> int | None:
-        """None while running (or before the first start)."""
-        return self.process.returncode if self.process is not None else None
-
-    def last_output(self) -> str:
-        return "\n".join(self.tail)
-
-    async def spawn(self) -> None:
-        """Start the process in its own process group, with its output pumped to ``write``."""
-        env = {**os.environ, **self.spec.env}
-        self.tail.clear()
-        try:
-            self.process = await asyncio.create_subprocess_exec(
-                *self.spec.argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-                preexec_fn=_parent_death_signal(),
-                limit=1 << 20,
-            )
-        except OSError as exc:
-            raise LaunchError(
-                f"instance {self.name}: cannot run {self.spec.argv[0]!r}: {exc.strerror or exc}"
-            ) from None
-        assert self.process.stdout is not None
-        self._pump = asyncio.ensure_future(self._copy_output(self.process.stdout))
-        log.info("started %s (pid %d)%s", self.name, self.process.pid, _label(self.spec))
-
-    async def wait_ready(self, policy: RestartPolicy) -> None:
-        await wait_ready(
-            self.spec.health_url,
-            timeout=policy.start_timeout,
-            interval=policy.probe_interval,
-            probe_timeout=policy.probe_timeout,
-            exited=lambda: self.returncode,
-            name=self.name,
-            tail=self.last_output,
-        )
-
-    async def stop(self, timeout: float) -> None:
-        """SIGTERM the process group, SIGKILL it after ``timeout``, and reap it."""
-        proc = self.process
-        if proc is None:
-            return
-        if proc.returncode is None:
-            self._signal_group(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), timeout)
-            except asyncio.TimeoutError:
-                log.warning(
-                    "%s (pid %d) ignored SIGTERM for %g s; killing it", self.name, proc.pid, timeout
-                )
-                self._signal_group(signal.SIGKILL)
-                await proc.wait()
-            log.info(
-                "stopped %s (pid %d, %s)", self.name, proc.pid, _describe_exit(proc.returncode)
-            )
-        # Whatever the leader left behind in its group goes too.
-        self._signal_group(signal.SIGKILL)
-        if self._pump is not None:
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(self._pump, 2.0)
-
-    def _signal_group(self, sig: signal.Signals) -> None:
-        if self.process is None:
-            return
-        # The group id is the leader's pid, which the kernel does not reuse while the group lives.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, sig)
-
-    async def _copy_output(self, stream: asyncio.StreamReader) -> None:
-        while True:
-            try:
-                raw = await stream.readline()
-            except ValueError:  # a line longer than the reader's limit; it was dropped
-                raw = b"[line too long, dropped]\n"
-            if not raw:
-                return
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            self.tail.append(line)
-            self._write(line)
-
-
 class Supervisor:
     """Starts children, waits until they answer, restarts those that crash, stops them all."""
 
@@ -270,6 +103,8 @@ class Supervisor:
         specs = list(specs)
         width = max((len(s.name) for s in specs), default=0)
         self.children = [Child(s, self._writer(s.name.ljust(width))) for s in specs]
+        self._stopping = False
+        self._restarts: set[asyncio.Task[None]] = set()
 
     async def run(
         self, stop: asyncio.Event, *, on_ready: Callable[[], None] = lambda: None
@@ -313,23 +148,71 @@ class Supervisor:
 
     async def stop(self) -> None:
         """Stop every child at once (SIGTERM, then SIGKILL after the policy's stop timeout)."""
+        # Restarts on request first, so none spawns a child after this.
+        self._stopping = True
+        for task in self._restarts:
+            task.cancel()
+        await asyncio.gather(*self._restarts, return_exceptions=True)
         await asyncio.gather(*(child.stop(self.policy.stop_timeout) for child in self.children))
 
+    def child(self, name: str) -> Child:
+        """The child called ``name``; LaunchError if there is none."""
+        for child in self.children:
+            if child.name == name:
+                return child
+        raise LaunchError(f"no supervised instance is called {name!r}")
+
+    async def restart(self, name: str) -> None:
+        """Stop child ``name`` and start it again now; returns once it answers (LaunchError if not).
+
+        Not counted as a crash; a child the loop gave up on is supervised again afterwards.
+        """
+        child = self.child(name)
+        if self._stopping:
+            raise LaunchError(f"instance {name}: not restarted, every instance is stopping")
+        if child.restarting:
+            raise LaunchError(f"instance {name} is already being restarted")
+        child.restarting = True
+        task = asyncio.ensure_future(self._restart(child))
+        self._restarts.add(task)
+
+        def done(_task: asyncio.Task[None]) -> None:
+            self._restarts.discard(task)
+            child.restarting = False
+
+        task.add_done_callback(done)
+        # Shielded: a caller that goes away (an HTTP client) does not leave it half done.
+        await asyncio.shield(task)
+
+    async def _restart(self, child: Child) -> None:
+        log.info("restarting %s on request (pid %s)%s", child.name, child.pid, label(child.spec))
+        async with child.spawning:
+            await child.stop(self.policy.stop_timeout)
+            child.crashes.clear()
+            child.given_up = False
+            child.restart_at = None
+            await child.spawn()
+        await child.wait_ready(self.policy)
+        log.info("%s is back (pid %s)", child.name, child.pid)
+
     async def _check(self, child: Child, now: float) -> None:
-        if child.given_up:
+        if child.given_up or child.restarting:
             return
         if child.restart_at is not None:
             if now >= child.restart_at:
-                child.restart_at = None
-                try:
-                    await child.spawn()
-                except LaunchError as exc:
-                    log.error("%s", exc)
-                    self._crashed(child, now, "could not be started")
+                async with child.spawning:
+                    if child.restarting or child.restart_at is None:
+                        return  # restarted on request in the meantime
+                    child.restart_at = None
+                    try:
+                        await child.spawn()
+                    except LaunchError as exc:
+                        log.error("%s", exc)
+                        self._crashed(child, now, "could not be started")
             return
         code = child.returncode
         if code is not None:
-            self._crashed(child, now, f"exited ({_describe_exit(code)})")
+            self._crashed(child, now, f"exited ({describe_exit(code)})")
 
     def _crashed(self, child: Child, now: float, what: str) -> None:
         policy = self.policy
@@ -355,39 +238,3 @@ class Supervisor:
             out.flush()
 
         return write
-
-
-def _parent_death_signal() -> Callable[[], None] | None:
-    """A preexec hook asking Linux to signal the child when this process dies; None elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(PARENT_DEATH_SIGNAL))
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os.kill(os.getpid(), PARENT_DEATH_SIGNAL)
-
-    return preexec
-
-
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "still running"
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return f"killed by {signal.Signals(-code).name}"
-        return f"killed by signal {-code}"
-    return f"exit code {code}"
-
-
-def _label(spec: ChildSpec) -> str:
-    return f": {spec.label}" if spec.label else ""
-
-
-def _with_tail(tail: str) -> str:
-    return f"; its last output:\n{tail}" if tail.strip() else "; it printed nothing"

@@ -228,20 +228,43 @@ def test_usage_errors_exit_2() -> None:
     assert ollamux("emulate", "--num-parallel", "x").returncode == 2
 
 
-# --- launchers that are not here yet -------------------------------------------------------------
+# --- a host without NVIDIA GPUs or Ollama --------------------------------------------------------
 
 
-def test_serve_without_instances_points_at_the_demo() -> None:
-    result = ollamux("serve")
+def without_gpus_or_ollama(tmp_path: Path) -> dict[str, str]:
+    """No NVIDIA driver (the fake pynvml without $FAKE_NVML) and no `ollama` on PATH."""
+    fakes = REPO / "tests" / "fakes"
+    environ = {**env(), "PYTHONPATH": f"{fakes}{os.pathsep}{REPO}", "PATH": str(tmp_path)}
+    environ.pop("FAKE_NVML", None)
+    return environ
+
+
+def test_serve_without_instances_points_at_the_demo(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve"],
+        cwd=REPO,
+        env=without_gpus_or_ollama(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1
     assert "NVML" in result.stderr and "config/demo.yaml" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_serve_with_the_process_launcher_says_it_comes_later() -> None:
-    result = ollamux("serve", "--config", str(REPO / "config" / "example.yaml"))
+def test_serve_with_the_process_launcher_needs_ollama(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(REPO / "config" / "example.yaml")],
+        cwd=REPO,
+        env=without_gpus_or_ollama(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1
-    assert "instances[0] (gpu0): launcher 'process' arrives in a later release" in result.stderr
+    assert "`ollama` is not on PATH; install Ollama" in result.stderr
+    assert "ollama_binary" in result.stderr
     assert "Traceback" not in result.stderr
 
 

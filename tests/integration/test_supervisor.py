@@ -193,3 +193,30 @@ async def test_stop_during_start_abandons_the_start() -> None:
 def test_backoff_doubles_up_to_the_maximum() -> None:
     policy = RestartPolicy(backoff_initial=0.5, backoff_max=3)
     assert [policy.backoff(n) for n in (1, 2, 3, 4, 5)] == [0.5, 1, 2, 3, 3]
+
+
+async def test_restart_on_request_is_not_a_crash_and_stop_cancels_one_under_way() -> None:
+    supervisor = Supervisor([server("gpu0", free_port())], policy=FAST, output=io.StringIO())
+    stop = asyncio.Event()
+    ready = asyncio.Event()
+    task = asyncio.ensure_future(supervisor.run(stop, on_ready=ready.set))
+    try:
+        await asyncio.wait_for(ready.wait(), 10)
+        child = supervisor.children[0]
+        first = child.pid
+        await supervisor.restart("gpu0")
+        assert child.pid != first and child.returncode is None and not child.crashes
+        assert first is not None and not alive(first)
+        assert child.describe() == f"running (pid {child.pid})"
+        with pytest.raises(LaunchError, match="no supervised instance is called 'nope'"):
+            await supervisor.restart("nope")
+        child.spec = script("gpu0", "import time; time.sleep(60)")  # never answers
+        second = child.pid
+        under_way = asyncio.ensure_future(supervisor.restart("gpu0"))
+        await wait_for(lambda: child.restarting and child.pid != second)  # waiting for readiness
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    with pytest.raises(asyncio.CancelledError):
+        await under_way
+    assert child.pid is not None and not alive(child.pid)

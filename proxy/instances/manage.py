@@ -1,0 +1,119 @@
+"""`ollamux instances`: list, drain, undrain and restart the instances of a running proxy.
+
+It speaks to the proxy's admin API (:mod:`proxy.api.instances`), with the admin token from
+``--token`` or ``$OLLAMUX_ADMIN_TOKEN`` when the proxy wants one.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Literal, TextIO
+
+from proxy.errors import ConfigError, OllamuxError
+from proxy.status import normalize_url
+
+__all__ = ["Action", "run_instances"]
+
+Action = Literal["list", "drain", "undrain", "restart"]
+
+
+def run_instances(
+    url: str,
+    action: Action = "list",
+    name: str | None = None,
+    *,
+    token: str = "",
+    wait: bool = False,
+    as_json: bool = False,
+    timeout: float = 300.0,
+    out: TextIO | None = None,
+) -> None:
+    """Do ``action`` (on instance ``name``) and print the result; OllamuxError if refused."""
+    out = out or sys.stdout
+    base = normalize_url(url)
+    if action == "list":
+        data = _call(base, "GET", "/proxy/instances", token, timeout=10)
+        out.write(json.dumps(data, indent=2) + "\n" if as_json else table(data["instances"]))
+        return
+    if not name:
+        raise ConfigError(f"`ollamux instances {action}` needs the instance's name", path="NAME")
+    entry = _call(base, "POST", f"/proxy/instances/{name}/{action}", token, timeout=timeout)
+    if action == "drain" and wait:
+        entry = _wait_drained(base, name, token, entry, out, timeout=timeout)
+    if as_json:
+        out.write(json.dumps(entry, indent=2) + "\n")
+    else:
+        out.write(f"{_verb(action)} {name}: {entry['state']}, {entry['inflight']} in flight\n")
+
+
+def table(instances: list[dict[str, Any]]) -> str:
+    rows = [("INSTANCE", "STATE", "LAUNCHER", "BUSY", "URL", "GPUS", "PROCESS")]
+    for inst in instances:
+        rows.append(
+            (
+                str(inst["name"]),
+                str(inst["state"]),
+                str(inst.get("launcher", "")),
+                f"{inst['inflight']}/{inst['slots']}",
+                str(inst["url"]),
+                ",".join(inst.get("gpus", [])) or "-",
+                str(inst.get("process", "")) or "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _verb(action: str) -> str:
+    return {"drain": "draining", "undrain": "undrained", "restart": "restarted"}[action]
+
+
+def _wait_drained(
+    base: str, name: str, token: str, entry: dict[str, Any], out: TextIO, *, timeout: float
+) -> dict[str, Any]:
+    """Poll until ``name`` has nothing in flight (the drain is complete)."""
+    deadline = time.monotonic() + timeout
+    while entry["inflight"] > 0:
+        if time.monotonic() > deadline:
+            raise OllamuxError(f"{name} still has {entry['inflight']} in flight after {timeout} s")
+        out.write(f"waiting: {name} has {entry['inflight']} request(s) in flight\n")
+        time.sleep(1.0)
+        listed = _call(base, "GET", "/proxy/instances", token, timeout=10)["instances"]
+        entry = next(i for i in listed if i["name"] == name)
+    return entry
+
+
+def _call(base: str, method: str, path: str, token: str, *, timeout: float) -> Any:
+    data = b"" if method == "POST" else None
+    request = urllib.request.Request(base + path, method=method, data=data)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        said = _error_text(exc)
+        raise OllamuxError(f"{method} {base}{path} answered {exc.code}: {said}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise OllamuxError(
+            f"cannot reach the proxy at {base} ({reason}); is `ollamux serve` running?"
+        ) from None
+    except ValueError:
+        raise OllamuxError(f"{base}{path} did not answer JSON; is it an ollamux proxy?") from None
+
+
+def _error_text(exc: urllib.error.HTTPError) -> str:
+    body = exc.read().decode(errors="replace")
+    try:
+        return str(json.loads(body)["error"])
+    except (ValueError, KeyError, TypeError):
+        return body.strip()[:200] or str(exc.reason)
