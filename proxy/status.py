@@ -10,14 +10,12 @@ from __future__ import annotations
 import json
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from typing import Any, TextIO
 
 from proxy.errors import OllamuxError
+from proxy.proxy_client import call, normalize_url
 
-DEFAULT_URL = "http://127.0.0.1:11434"
 BAR = 20
 GIB = 1024**3
 CLEAR = "\x1b[H\x1b[2J"
@@ -27,28 +25,10 @@ CLEAR = "\x1b[H\x1b[2J"
 def fetch_status(url: str, *, timeout: float = 5.0) -> dict[str, Any]:
     """GET ``url``/proxy/status; OllamuxError (exit 1) when the proxy is not there."""
     base = normalize_url(url)
-    try:
-        with urllib.request.urlopen(base + "/proxy/status", timeout=timeout) as response:
-            data = json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        raise OllamuxError(
-            f"{base}/proxy/status answered {exc.code}: is {base} an ollamux proxy?"
-        ) from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise OllamuxError(
-            f"cannot reach the proxy at {base} ({reason}); is `ollamux serve` running?"
-        ) from None
-    except ValueError:
-        raise OllamuxError(f"{base}/proxy/status did not answer JSON") from None
+    data = call(base, "GET", "/proxy/status", timeout=timeout)
     if not isinstance(data, dict) or "instances" not in data:
         raise OllamuxError(f"{base}/proxy/status is not an ollamux status")
     return data
-
-
-def normalize_url(url: str) -> str:
-    url = url.strip().rstrip("/")
-    return url if "://" in url else "http://" + url
 
 
 def run_status(

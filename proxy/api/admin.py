@@ -55,16 +55,10 @@ async def status(request: web.Request) -> web.Response:
 
 
 def instance(inst: InstanceState, gpu_labels: dict[str, str]) -> dict[str, Any]:
-    if not inst.healthy:
-        state = "down"
-    elif inst.draining:
-        state = "draining"
-    else:
-        state = "up"
     return {
         "name": inst.name,
         "url": inst.url,
-        "state": state,
+        "state": inst.state,
         "healthy": inst.healthy,
         "draining": inst.draining,
         "version": inst.version,

@@ -182,17 +182,11 @@ def _launchers(proxy: Proxy) -> dict[str, str]:
 
 
 def _entry(proxy: Proxy, inst: InstanceState, launcher: InstanceLauncher) -> dict[str, Any]:
-    if not inst.healthy:
-        state = "down"
-    elif inst.draining:
-        state = "draining"
-    else:
-        state = "up"
     return {
         "name": inst.name,
         "url": inst.url,
         "launcher": _launchers(proxy).get(inst.name, ""),
-        "state": state,
+        "state": inst.state,
         "healthy": inst.healthy,
         "draining": inst.draining,
         "inflight": inst.inflight_total(),

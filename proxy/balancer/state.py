@@ -58,6 +58,13 @@ class InstanceState:
     reasons: dict[str, int] = field(default_factory=dict)
     """Requests bound here, by the policy's reason (for ``/proxy/status``)."""
 
+    @property
+    def state(self) -> str:
+        """``down``, ``draining`` or ``up``, as status pages show it."""
+        if not self.healthy:
+            return "down"
+        return "draining" if self.draining else "up"
+
     def inflight_total(self) -> int:
         return sum(self.inflight.values())
 

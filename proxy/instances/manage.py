@@ -9,12 +9,10 @@ from __future__ import annotations
 import json
 import sys
 import time
-import urllib.error
-import urllib.request
 from typing import Any, Literal, TextIO
 
 from proxy.errors import ConfigError, OllamuxError
-from proxy.status import normalize_url
+from proxy.proxy_client import call, normalize_url
 
 __all__ = ["Action", "run_instances"]
 
@@ -36,12 +34,12 @@ def run_instances(
     out = out or sys.stdout
     base = normalize_url(url)
     if action == "list":
-        data = _call(base, "GET", "/proxy/instances", token, timeout=10)
+        data = call(base, "GET", "/proxy/instances", token=token, timeout=10)
         out.write(json.dumps(data, indent=2) + "\n" if as_json else table(data["instances"]))
         return
     if not name:
         raise ConfigError(f"`ollamux instances {action}` needs the instance's name", path="NAME")
-    entry = _call(base, "POST", f"/proxy/instances/{name}/{action}", token, timeout=timeout)
+    entry = call(base, "POST", f"/proxy/instances/{name}/{action}", token=token, timeout=timeout)
     if action == "drain" and wait:
         entry = _wait_drained(base, name, token, entry, out, timeout=timeout)
     if as_json:
@@ -86,34 +84,6 @@ def _wait_drained(
             raise OllamuxError(f"{name} still has {entry['inflight']} in flight after {timeout} s")
         out.write(f"waiting: {name} has {entry['inflight']} request(s) in flight\n")
         time.sleep(1.0)
-        listed = _call(base, "GET", "/proxy/instances", token, timeout=10)["instances"]
+        listed = call(base, "GET", "/proxy/instances", token=token, timeout=10)["instances"]
         entry = next(i for i in listed if i["name"] == name)
     return entry
-
-
-def _call(base: str, method: str, path: str, token: str, *, timeout: float) -> Any:
-    data = b"" if method == "POST" else None
-    request = urllib.request.Request(base + path, method=method, data=data)
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        said = _error_text(exc)
-        raise OllamuxError(f"{method} {base}{path} answered {exc.code}: {said}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise OllamuxError(
-            f"cannot reach the proxy at {base} ({reason}); is `ollamux serve` running?"
-        ) from None
-    except ValueError:
-        raise OllamuxError(f"{base}{path} did not answer JSON; is it an ollamux proxy?") from None
-
-
-def _error_text(exc: urllib.error.HTTPError) -> str:
-    body = exc.read().decode(errors="replace")
-    try:
-        return str(json.loads(body)["error"])
-    except (ValueError, KeyError, TypeError):
-        return body.strip()[:200] or str(exc.reason)
