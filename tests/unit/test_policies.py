@@ -111,10 +111,20 @@ def test_vram_queue_evicts_where_it_disturbs_least() -> None:
     assert decision is not None and (decision.instance, decision.reason) == ("idle", "evict")
 
 
-def test_vram_queue_waits_for_busy_warm_instance_when_wait_is_short() -> None:
+def test_vram_queue_fills_an_empty_gpu_as_soon_as_the_warm_ones_are_busy() -> None:
     views = [
         view("warm", warm=True, inflight=4, inflight_model=4),
         view("free", free_vram=30 * GIB),
+    ]
+    short = dataclasses.replace(REQ, service_s=0.1, load_s=5.0)
+    decision = VramQueue().select(short, views)
+    assert decision is not None and (decision.instance, decision.reason) == ("free", "scale_out")
+
+
+def test_vram_queue_waits_for_busy_warm_instance_when_wait_is_short() -> None:
+    views = [
+        view("warm", warm=True, inflight=4, inflight_model=4),
+        view("shared", free_vram=30 * GIB, loaded_models=1, idle_models=1),
     ]
     short = dataclasses.replace(REQ, service_s=2.0, load_s=5.0, queued_ahead=0)
     assert VramQueue().select(short, views) is None
@@ -123,7 +133,7 @@ def test_vram_queue_waits_for_busy_warm_instance_when_wait_is_short() -> None:
 def test_vram_queue_scales_out_when_wait_exceeds_load_time() -> None:
     views = [
         view("warm", warm=True, inflight=4, inflight_model=4),
-        view("free", free_vram=30 * GIB),
+        view("free", free_vram=30 * GIB, loaded_models=1, idle_models=1),
     ]
     long = dataclasses.replace(REQ, service_s=10.0, load_s=5.0, queued_ahead=3)
     decision = VramQueue().select(long, views)

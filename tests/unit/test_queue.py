@@ -112,6 +112,8 @@ async def test_exclude_skips_an_instance_for_the_retry() -> None:
 
 async def test_cold_bind_reserves_vram_and_the_load_takes_its_slots_first() -> None:
     insts = instances(n=2, warm=False)
+    other = "qwen2.5:7b"  # the second GPU holds another model: a replica there must pay off
+    insts[1].loaded[other] = LoadedModel(name=other, size_vram=5 * GIB, context_length=4096)
     d, reasons = dispatcher(insts)
     d.book.stats(M).observe_service(1.0)  # short requests: waiting beats loading a replica
     lease = await d.acquire(M)

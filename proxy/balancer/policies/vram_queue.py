@@ -17,9 +17,9 @@ class VramQueue:
 
     1. warm instances (model loaded or loading there) with a free slot: fewest in flight, or the
        session's previous one within ``AFFINITY_SLACK`` (its prompt cache is warm);
-    2. warm instances all busy: wait, unless the expected wait behind them (queued x service time
-       / their slots) exceeds the load time of a replica on an idle instance whose free VRAM fits
-       the model: then load one there (scale-out);
+    2. warm instances all busy: load a replica on a GPU that has nothing loaded and fits it;
+       failing that, wait, unless the expected wait behind them (queued x service time / their
+       slots) exceeds the load time of a replica on an instance whose free VRAM fits it;
     3. not warm anywhere: an instance whose free VRAM fits the model without eviction, the one
        with fewest models sharing its GPU first, then most free; else the one where an eviction
        disturbs least (idle models, nothing in flight).
@@ -42,6 +42,12 @@ class VramQueue:
         if warm:
             if not (self.scale_out and fits):
                 return None
+            # A GPU with nothing loaded loses nothing by taking a replica: fill it at once.
+            # Elsewhere the replica must pay for itself: the wait behind the warm ones must
+            # exceed its load time.
+            empty = [v for v in fits if v.loaded_models == 0]
+            if empty:
+                return Decision(_roomiest(empty).name, "scale_out")
             capacity = sum(v.slots for v in warm)
             expected_wait = (request.queued_ahead + 1) * request.service_s / capacity
             if expected_wait <= request.load_s:
