@@ -1,0 +1,235 @@
+"""Routing benchmark: the same seeded workloads replayed against every contender, side by side.
+
+    python -m benchmarks.routing [--quick] [--scenario NAME] [--contenders A,B] [--out DIR]
+
+Each contender is started fresh (nothing loaded) on free 127.0.0.1 ports in front of the emulated
+demo box (config/demo.yaml: 2 x 24 GiB at speed 1.0, 2 x 48 GiB at speed 0.85, NUM_PARALLEL 4,
+context 8192), the scenario is replayed against it, and it is stopped. Writes
+``DIR/<scenario>.json`` and PNG plots (when matplotlib is installed); prints a table per scenario.
+All times are emulated (virtual) seconds: wall time measured by the client times the emulator's
+speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from benchmarks import report
+from benchmarks.contenders import CONTENDERS, LOWER_BOUND, Box, describe, nginx_binary, start
+from benchmarks.procs import ROOT, cpu_seconds, self_cpu_seconds
+from benchmarks.replay import Progress, replay
+from benchmarks.stats import ideal_growth, lower_bound, summarize
+from benchmarks.workload import SCENARIOS, TRACE_SLICE, Scenario, Size
+
+RESULTS = Path(__file__).with_name("results")
+QUICK_SCENARIOS = ("trace", "multi-model")
+DRAIN_S = 120.0
+"""Emulated seconds a contender gets, after the ideal end of the workload, to finish it."""
+
+
+async def run_contender(
+    scenario: Scenario, name: str, box: Box, *, workdir: Path, seed: int, quiet: bool = False
+) -> dict[str, Any]:
+    """Start ``name``, replay ``scenario`` against it, stop it; its summary."""
+    ideal = lower_bound(scenario, box)["makespan_s"]
+    deadline = ideal + max(DRAIN_S, 0.5 * ideal)
+    wall0 = time.monotonic()
+    async with start(
+        name, box, speed=scenario.speed, workdir=workdir / name, seed=seed, timeout=deadline * 2
+    ) as running:
+        started_s = time.monotonic() - wall0
+        pids = {"front": running.front, "backends": running.backend_pids}
+        cpu0 = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}
+        client0, t0 = self_cpu_seconds(), time.monotonic()
+        progress = Progress(f"{scenario.name}: {name}", len(scenario.requests), enabled=not quiet)
+        results, watch = await replay(scenario, running, deadline=deadline, progress=progress)
+        wall = time.monotonic() - t0
+        cpu = {k: sum(cpu_seconds(p) for p in v) - cpu0[k] for k, v in pids.items()}
+        cpu["client"] = self_cpu_seconds() - client0
+        proxy = await proxy_metrics(running.metrics_url) if running.metrics_url else {}
+    cores = os.cpu_count() or 1
+    extra: dict[str, Any] = {
+        "wall_s": round(wall, 2),
+        "startup_wall_s": round(started_s, 2),
+        "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
+        "cpu_busy_share": round(sum(cpu.values()) / (wall * cores), 3) if wall else None,
+        "sampler_polls_failed": watch.failed_polls,
+    }
+    if proxy:
+        extra["proxy"] = proxy
+    return summarize(
+        scenario,
+        results,
+        watch,
+        end=deadline,
+        extra=extra,
+        ideal_growth=ideal_growth(scenario, box),
+    )
+
+
+async def proxy_metrics(url: str) -> dict[str, Any]:
+    """What ollamux itself counted: loads, routing decisions by reason, refusals, retries."""
+    try:
+        async with aiohttp.ClientSession() as session, session.get(url) as resp:
+            text = await resp.text()
+    except aiohttp.ClientError:
+        return {}
+    out: dict[str, Any] = {"model_loads": 0, "decisions": {}, "rejected": {}, "retries": 0}
+    out["eval_tokens"] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "ollamux_model_loads_total":
+                out["model_loads"] += int(s.value)
+            elif s.name == "ollamux_routing_decisions_total":
+                out["decisions"][s.labels["reason"]] = int(s.value)
+            elif s.name == "ollamux_rejected_total":
+                out["rejected"][s.labels["reason"]] = int(s.value)
+            elif s.name == "ollamux_retries_total":
+                out["retries"] = int(s.value)
+            elif s.name == "ollamux_tokens_total" and s.labels.get("kind") == "eval":
+                inst = s.labels["instance"]
+                out["eval_tokens"][inst] = out["eval_tokens"].get(inst, 0) + int(s.value)
+    return out
+
+
+def code_version() -> dict[str, Any]:
+    """The commit the proxy and emulator ran from, and whether proxy/ had uncommitted changes."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "proxy"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return {}
+    return {"commit": commit, "proxy_modified": bool(dirty)}
+
+
+async def run_scenario(
+    scenario: Scenario,
+    contenders: Sequence[str],
+    *,
+    box: Box,
+    workdir: Path,
+    seed: int = 0,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Every contender on ``scenario``; the JSON document of the scenario."""
+    doc: dict[str, Any] = {
+        "scenario": scenario.name,
+        "title": scenario.title,
+        "description": scenario.description,
+        "speed": scenario.speed,
+        "time_unit": "emulated seconds (measured wall time x speed)",
+        "requests": len(scenario.requests),
+        "models": scenario.models,
+        "box": describe(box),
+        "seed": seed,
+        "code": code_version(),
+        "contenders": {},
+    }
+    for name in contenders:
+        if name == LOWER_BOUND:
+            doc["contenders"][name] = lower_bound(scenario, box)
+            continue
+        doc["contenders"][name] = await run_contender(
+            scenario, name, box, workdir=workdir, seed=seed, quiet=quiet
+        )
+    return doc
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.routing", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="short workloads, two scenarios")
+    parser.add_argument(
+        "--scenario", action="append", choices=sorted(SCENARIOS), help="repeatable; default: all"
+    )
+    parser.add_argument(
+        "--contenders",
+        help=f"comma-separated subset of {','.join((*CONTENDERS, LOWER_BOUND))} (default: all)",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"default: {RESULTS}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--speed", type=float, help="override each scenario's time compression")
+    parser.add_argument("--trace", type=Path, default=TRACE_SLICE, help="trace CSV to replay")
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="run nothing: print the tables and redraw the plots of DIR/*.json",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    out: Path = args.out
+    if args.report:
+        order = {name: i for i, name in enumerate(SCENARIOS)}
+        paths = sorted(out.glob("*.json"), key=lambda p: (order.get(p.stem, len(order)), p.stem))
+        for path in paths:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            if "contenders" not in doc:
+                continue  # not a routing document (e.g. overhead_*.json)
+            print(report.table(doc))
+            if not args.no_plots:
+                report.plots(doc, out)
+        return 0
+    names = args.scenario or (list(QUICK_SCENARIOS) if args.quick else list(SCENARIOS))
+    contenders = (
+        [c.strip() for c in args.contenders.split(",") if c.strip()]
+        if args.contenders
+        else [*CONTENDERS, LOWER_BOUND]
+    )
+    unknown = set(contenders) - {*CONTENDERS, LOWER_BOUND}
+    if unknown:
+        print(f"unknown contender(s): {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    if "nginx" in contenders and nginx_binary() is None:
+        print("nginx is not installed: skipping it (apt-get install nginx)", file=sys.stderr)
+        contenders.remove("nginx")
+    size = Size(quick=args.quick, seed=args.seed, trace=args.trace)
+    box = Box.from_config()
+    out.mkdir(parents=True, exist_ok=True)
+    began = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="ollamux-bench-") as tmp:
+        for name in names:
+            scenario = SCENARIOS[name](size)
+            if args.speed:
+                scenario = Scenario(**{**scenario.__dict__, "speed": args.speed})
+            print(f"{scenario.name}: {scenario.description}", file=sys.stderr)
+            doc = asyncio.run(
+                run_scenario(scenario, contenders, box=box, workdir=Path(tmp), seed=args.seed)
+            )
+            doc["quick"] = args.quick
+            path = out / f"{name}.json"
+            path.write_text(report.dumps(doc) + "\n", encoding="utf-8")
+            print(report.table(doc))
+            if not args.no_plots:
+                for png in report.plots(doc, out):
+                    print(f"wrote {png}", file=sys.stderr)
+    print(f"done in {time.monotonic() - began:.0f} s; results in {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The routing benchmark end to end on a tiny workload, so that its code cannot rot unnoticed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import report
+from benchmarks.contenders import LOWER_BOUND, Box, nginx_binary
+from benchmarks.routing import run_scenario
+from benchmarks.workload import Size, head, open_webui_scenario
+
+# One Open WebUI session: a streamed chat, its three task calls, the next turn and its follow-up.
+TINY = head(open_webui_scenario(Size(quick=True)), 6, speed=50.0)
+
+
+async def _run(tmp_path: Path, contenders: list[str]) -> dict[str, object]:
+    doc = await run_scenario(TINY, contenders, box=Box.from_config(), workdir=tmp_path, quiet=True)
+    json.dumps(doc)  # the document is what gets written
+    return doc
+
+
+def _check(contender: dict[str, object]) -> None:
+    assert contender["requests"] == len(TINY.requests)
+    assert contender["failed"] == 0, contender.get("errors")
+    assert contender["unfinished"] == 0
+    assert contender["output_tokens"] == sum(r.output_tokens for r in TINY.requests)
+    assert 0 < contender["ttft_p50_s"] <= contender["ttft_p99_s"]  # type: ignore[operator]
+    assert contender["cold_loads"] >= 1  # type: ignore[operator]
+
+
+async def test_proxy_and_blind_contenders_replay_a_session(tmp_path: Path) -> None:
+    doc = await _run(tmp_path, ["vram_queue", "random", LOWER_BOUND])
+    contenders = doc["contenders"]
+    assert isinstance(contenders, dict)
+    for name in ("vram_queue", "random"):
+        _check(contenders[name])
+    assert contenders["vram_queue"]["proxy"]["model_loads"] >= 1
+    bound = contenders[LOWER_BOUND]
+    assert bound["ttft_p50_s"] <= contenders["vram_queue"]["ttft_p50_s"]
+    assert "vram_queue" in report.table(doc)
+
+
+@pytest.mark.skipif(nginx_binary() is None, reason="nginx is not installed")
+async def test_nginx_contender(tmp_path: Path) -> None:
+    doc = await _run(tmp_path, ["nginx"])
+    contenders = doc["contenders"]
+    assert isinstance(contenders, dict)
+    _check(contenders["nginx"])
+
+
+def test_plots_are_written(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    doc = {
+        "scenario": "tiny",
+        "title": "tiny",
+        "requests": 2,
+        "contenders": {
+            "vram_queue": {"ttft_quantiles_s": [0.1] * 101, "cold_loads": 1, "evictions": 0,
+                           "gpu_busy_s": {"gpu0": 1.0}, "ttft_p50_s": 0.1,
+                           "backlog_series": [[0.0, 1], [1.0, 0]]},
+            LOWER_BOUND: {"ttft_quantiles_s": [0.05] * 101, "ttft_p50_s": 0.05},
+        },
+    }  # fmt: skip
+    paths = report.plots(doc, tmp_path)
+    assert [p.name for p in paths] == ["tiny_ttft_cdf.png", "tiny_bars.png", "tiny_backlog.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)

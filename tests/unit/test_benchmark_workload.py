@@ -1,0 +1,75 @@
+"""The benchmark's workloads and statistics: exact prompt sizes, seeded, sound bounds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.contenders import Box
+from benchmarks.replay import Result
+from benchmarks.stats import backlog, growth, latency, lower_bound, percentile
+from benchmarks.workload import SCENARIOS, Req, Size
+from proxy.emulator import text
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_prompts_have_the_token_count_the_emulator_sees(name: str) -> None:
+    scenario = SCENARIOS[name](Size(quick=True))
+    assert scenario.requests
+    for req in scenario.requests[:60]:
+        body = json.loads(req.body)
+        rendered = text.render_chat(body["messages"])
+        assert len(text.tokenize(rendered)) == req.prompt_tokens
+        assert body["options"]["num_predict"] == req.output_tokens
+        assert body["stream"] is req.stream
+        assert req.after is None or req.after < req.id
+        assert 0 <= req.cached_tokens < req.prompt_tokens
+
+
+def test_workloads_are_seeded() -> None:
+    first = SCENARIOS["open-webui"](Size(quick=True, seed=1))
+    again = SCENARIOS["open-webui"](Size(quick=True, seed=1))
+    other = SCENARIOS["open-webui"](Size(quick=True, seed=2))
+    assert first.requests == again.requests
+    assert first.requests != other.requests
+
+
+def test_open_webui_sends_task_calls_after_each_reply() -> None:
+    scenario = SCENARIOS["open-webui"](Size(quick=True))
+    by_id = {r.id: r for r in scenario.requests}
+    tasks = [r for r in scenario.requests if r.kind == "task"]
+    assert tasks and all(not t.stream and t.after is not None for t in tasks)
+    assert all(by_id[t.after].kind == "chat" for t in tasks if t.after is not None)
+    assert all(by_id[t.after].model == t.model for t in tasks if t.after is not None)
+
+
+def test_lower_bound_is_service_time_only() -> None:
+    scenario = SCENARIOS["trace"](Size(quick=True))
+    bound = lower_bound(scenario, Box.from_config())
+    assert bound["failed"] == bound["unfinished"] == 0
+    assert bound["output_tokens"] == sum(r.output_tokens for r in scenario.requests)
+    assert 0 < bound["ttft_p50_s"] <= bound["ttft_p99_s"] < bound["e2e_p95_s"]
+
+
+def _result(sent: float, first: float | None, done: float | None) -> Result:
+    req = Req(id=0, kind="chat", model="m", prompt_tokens=10, cached_tokens=0, output_tokens=5,
+              stream=True)  # fmt: skip
+    return Result(req=req, sent=sent, first=first, done=done)
+
+
+def test_unfinished_requests_censor_the_percentiles_they_reach() -> None:
+    done = [_result(0.0, 1.0, 2.0) for _ in range(18)]
+    cut = [_result(0.0, None, None) for _ in range(2)]
+    out = latency(done + cut, end=100.0)
+    assert out["ttft_p50_s"] == 1.0
+    assert out["ttft_p99_s"] == 100.0
+    assert "ttft_p99_s" in out["censored"] and "ttft_p50_s" not in out["censored"]
+
+
+def test_backlog_growth_and_percentile() -> None:
+    steady = [_result(float(t), t + 0.5, t + 1.0) for t in range(100)]
+    piling = [_result(float(t), None, None) for t in range(100)]
+    assert growth(backlog(steady, 100), 100) == pytest.approx(0, abs=0.5)
+    assert growth(backlog(piling, 100), 100) == pytest.approx(50, abs=2)
+    assert percentile([1, 2, 3, 4], 50) == 2.5
