@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from proxy import __version__
+from tests.processes import alive, free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_FILES = sorted((REPO / "config").glob("*.yaml"))
@@ -44,17 +45,6 @@ def ollamux(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 def get(url: str) -> tuple[int, str]:
@@ -89,15 +79,6 @@ def children_of(pid: int) -> set[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 found.add(int(entry.name))
     return found
-
-
-def alive(pid: int) -> bool:
-    """Running, and not a zombie waiting for its parent (or init) to reap it."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def wait_gone(pids: set[int], timeout: float = 15) -> set[int]:

@@ -29,6 +29,7 @@ from proxy.instances.pinning import pin_with_nvml
 from proxy.instances.process import find_ollama, instance_env
 from proxy.instances.supervisor import RestartPolicy
 from tests.fakes.helpers import REPO, box_env, gpu, load_fake_nvml, records, write_fake_ollama
+from tests.processes import alive, free_ports
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="reads /proc; parent-death signal is Linux only"
@@ -44,25 +45,6 @@ FAST = RestartPolicy(
     crash_window=60,
     poll_interval=0.05,
 )
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def descendants(pid: int) -> set[int]:

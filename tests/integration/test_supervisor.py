@@ -9,12 +9,12 @@ import re
 import socket
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 from proxy.errors import LaunchError
 from proxy.instances.supervisor import ChildSpec, RestartPolicy, Supervisor
+from tests.processes import alive
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX process groups")
 
@@ -55,21 +55,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def alive(pid: int) -> bool:
-    """Running, and not a zombie waiting to be reaped."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        if sys.platform.startswith("linux"):
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def server(name: str, port: int, *, spawn: bool = False) -> ChildSpec:
