@@ -35,6 +35,7 @@ from typing import Any
 import aiohttp
 import yaml
 
+from benchmarks import report
 from benchmarks.contenders import nginx_binary, nginx_conf
 from benchmarks.procs import Child, children_of, cpu_seconds, free_port, ollamux_argv, wait_http
 from benchmarks.stats import percentile
@@ -327,8 +328,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             run(args.backend, levels, paths, warmup=warmup, seconds=seconds, workdir=Path(tmp))
         )
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"overhead_{args.backend}.json"
-    path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    name = "overhead" if args.backend == "stub" else f"overhead_{args.backend}"
+    path = args.out / f"{name}.json"
+    path.write_text(report.dumps(doc) + "\n", encoding="utf-8")
     print(table(doc))
     return 0
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import json
 import re
 import sys
@@ -19,6 +20,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -299,3 +301,26 @@ async def _exchange(session: aiohttp.ClientSession, res: Result, now: Any) -> No
     res.eval_count = int(final.get("eval_count") or 0)
     res.prompt_eval_count = int(final.get("prompt_eval_count") or 0)
     res.load_duration = int(final.get("load_duration") or 0) / 1e9
+
+
+def write_requests(results: list[Result], path: Path) -> None:
+    """One CSV line per request: what it was, when it went out, first byte, end (emulated s)."""
+    with path.open("w", newline="", encoding="utf-8") as f:
+        out = csv.writer(f)
+        out.writerow(
+            ["id", "kind", "model", "stream", "prompt_tokens", "output_tokens", "at", "after",
+             "sent", "first", "done", "ttft", "e2e", "eval_count", "load_duration", "error"]
+        )  # fmt: skip
+        for r in results:
+            q = r.req
+            ttft = r.first - r.sent if r.first is not None and r.sent is not None else None
+            e2e = r.done - r.sent if r.done is not None and r.sent is not None else None
+            out.writerow(
+                [q.id, q.kind, q.model, q.stream, q.prompt_tokens, q.output_tokens, q.at,
+                 "" if q.after is None else q.after, _f(r.sent), _f(r.first), _f(r.done),
+                 _f(ttft), _f(e2e), r.eval_count, _f(r.load_duration), r.error]
+            )  # fmt: skip
+
+
+def _f(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"

@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from benchmarks import report
 from benchmarks.contenders import CONTENDERS, LOWER_BOUND, Box, describe, nginx_binary, start
 from benchmarks.procs import ROOT, cpu_seconds, self_cpu_seconds
-from benchmarks.replay import Progress, replay
+from benchmarks.replay import Progress, replay, write_requests
 from benchmarks.stats import ideal_growth, lower_bound, summarize
 from benchmarks.workload import SCENARIOS, TRACE_SLICE, Scenario, Size
 
@@ -41,9 +41,17 @@ DRAIN_S = 120.0
 
 
 async def run_contender(
-    scenario: Scenario, name: str, box: Box, *, workdir: Path, seed: int, quiet: bool = False
+    scenario: Scenario,
+    name: str,
+    box: Box,
+    *,
+    workdir: Path,
+    seed: int,
+    quiet: bool = False,
+    requests_csv: Path | None = None,
 ) -> dict[str, Any]:
-    """Start ``name``, replay ``scenario`` against it, stop it; its summary."""
+    """Start ``name``, replay ``scenario`` against it, stop it; its summary (and, with
+    ``requests_csv``, one CSV line per request there)."""
     ideal = lower_bound(scenario, box)["makespan_s"]
     deadline = ideal + max(DRAIN_S, 0.5 * ideal)
     wall0 = time.monotonic()
@@ -60,6 +68,8 @@ async def run_contender(
         cpu = {k: sum(cpu_seconds(p) for p in v) - cpu0[k] for k, v in pids.items()}
         cpu["client"] = self_cpu_seconds() - client0
         proxy = await proxy_metrics(running.metrics_url) if running.metrics_url else {}
+    if requests_csv is not None:
+        write_requests(results, requests_csv)
     cores = os.cpu_count() or 1
     extra: dict[str, Any] = {
         "wall_s": round(wall, 2),
@@ -130,6 +140,7 @@ async def run_scenario(
     workdir: Path,
     seed: int = 0,
     quiet: bool = False,
+    requests_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Every contender on ``scenario``; the JSON document of the scenario."""
     doc: dict[str, Any] = {
@@ -149,8 +160,9 @@ async def run_scenario(
         if name == LOWER_BOUND:
             doc["contenders"][name] = lower_bound(scenario, box)
             continue
+        csv_path = requests_dir / f"{scenario.name}.{name}.csv" if requests_dir else None
         doc["contenders"][name] = await run_contender(
-            scenario, name, box, workdir=workdir, seed=seed, quiet=quiet
+            scenario, name, box, workdir=workdir, seed=seed, quiet=quiet, requests_csv=csv_path
         )
     return doc
 
@@ -172,6 +184,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--speed", type=float, help="override each scenario's time compression")
     parser.add_argument("--trace", type=Path, default=TRACE_SLICE, help="trace CSV to replay")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument(
+        "--requests",
+        action="store_true",
+        help="also write DIR/<scenario>.<contender>.csv per request",
+    )
     parser.add_argument(
         "--report",
         action="store_true",
@@ -218,7 +235,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 scenario = Scenario(**{**scenario.__dict__, "speed": args.speed})
             print(f"{scenario.name}: {scenario.description}", file=sys.stderr)
             doc = asyncio.run(
-                run_scenario(scenario, contenders, box=box, workdir=Path(tmp), seed=args.seed)
+                run_scenario(
+                    scenario,
+                    contenders,
+                    box=box,
+                    workdir=Path(tmp),
+                    seed=args.seed,
+                    requests_dir=out if args.requests else None,
+                )
             )
             doc["quick"] = args.quick
             path = out / f"{name}.json"

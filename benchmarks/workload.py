@@ -269,7 +269,7 @@ than four GPUs serve; 40 % of it keeps the box busy without drowning it."""
 
 def trace_scenario(size: Size) -> Scenario:
     b = _Builder(random.Random(f"{size.seed}:trace"))
-    window = size.choose(360.0, 45.0)
+    window = size.choose(360.0, 40.0)
     for t, prompt, output in load_trace(size.trace):
         if t >= window:
             break
@@ -370,7 +370,7 @@ def multi_model_scenario(size: Size) -> Scenario:
         title="Five models of different sizes",
         description=f"chat sessions at 0.4/s for {window:g} s on {_mix(MULTI_MIX)}: together "
         "~80 GiB of weights and KV cache, more than any one GPU",
-        speed=size.choose(12.0, 20.0),
+        speed=size.choose(12.0, 30.0),
         requests=tuple(b.requests),
     )
 
