@@ -11,17 +11,19 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from proxy.api import admin, ollama, openai, relay
+from proxy.api import admin, ollama, openai, relay, stopping
 from proxy.api import instances as instances_api
+from proxy.api.body import limit_middleware
+from proxy.api.clients import raise_open_files_limit, runner_options
 from proxy.api.context import PROXY, Proxy
 from proxy.api.http import errors_middleware
+from proxy.api.passthrough import passthrough
 from proxy.balancer.monitor import Monitor
 from proxy.balancer.policies import make_policy
-from proxy.balancer.queue import Dispatcher
+from proxy.balancer.router import Router
 from proxy.balancer.state import InstanceState, ModelBook
 from proxy.config import Config, emulated_gpus, parse_listen
 from proxy.errors import ConfigError
-from proxy.forward import Forwarder
 from proxy.gpu import GpuSource
 from proxy.gpu.http import HttpGpuSource
 from proxy.gpu.nvml import local_gpu_source
@@ -72,19 +74,22 @@ def build_app(
     instances = instance_states(config)
     book = ModelBook()
     metrics = Metrics(registry, config.routing.policy)
-    dispatcher = Dispatcher(
-        instances, make_policy(config.routing), book, config.queue, on_decision=metrics.decision
+    router = Router(
+        instances, make_policy(config.routing), book, config, on_decision=metrics.decision
     )
-    registry.register(LiveCollector(dispatcher, book))
+    registry.register(LiveCollector(router.dispatcher, book))
+    router.outliers.track(instances, metrics.ejections)
     proxy = Proxy(
         config=config,
         instances=instances,
         book=book,
-        dispatcher=dispatcher,
+        router=router,
         metrics=metrics,
         model_label=model_label(book),
     )
-    app = web.Application(middlewares=[errors_middleware], client_max_size=1 << 30)
+    app = web.Application(
+        middlewares=[errors_middleware, limit_middleware], client_max_size=config.limits.max_body
+    )
     app[PROXY] = proxy
     app.add_routes(ollama.routes() + openai.routes() + admin.routes(registry))
     instances_api.install(app, launcher)  # /proxy/instances: list, drain, undrain, restart
@@ -99,11 +104,6 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
     proxy.session = session
-    proxy.forwarder = Forwarder(
-        session,
-        connect_timeout=proxy.config.timeouts.connect,
-        first_byte_timeout=proxy.config.timeouts.first_byte,
-    )
     sources: dict[str, GpuSource] = {}
     on_host = {"process", "systemd"} & set(_configured(proxy.config))
     local = await local_gpu_source() if on_host else None  # NVML, where it works
@@ -118,7 +118,10 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         session,
         proxy.config.timeouts,
         sources,
-        on_change=proxy.dispatcher.pump,
+        outliers=proxy.router.outliers,
+        on_change=proxy.router.dispatcher.pump,
+        on_down=proxy.router.went_down,
+        on_loaded=proxy.router.saw_loaded,
     )
     proxy.monitor = monitor
     await monitor.check_all()
@@ -140,18 +143,46 @@ async def _anything_else(request: web.Request) -> web.StreamResponse:
     """Paths the proxy has no rule for: a body naming a model is routed, the rest goes as is."""
     if request.method == "POST":
         return await relay.handle(request)
-    return await relay.passthrough(request)
+    return await passthrough(request)
 
 
-async def serve_proxy(app: web.Application, listen: str) -> None:
-    """Serve ``app`` on ``listen`` until cancelled (client disconnects cancel their handlers)."""
+async def serve_proxy(
+    app: web.Application,
+    listen: str,
+    *,
+    stop: asyncio.Event | None = None,
+    cut: asyncio.Event | None = None,
+    drain: float = 30.0,
+) -> None:
+    """Serve ``app`` on ``listen`` until ``stop``, then drain for up to ``drain`` seconds.
+
+    Draining (see :mod:`proxy.api.stopping`): the socket closes, new requests on open connections
+    get 503, those in flight finish; ``cut`` (or cancelling this) closes what is left at once.
+    Client disconnects cancel their handlers.
+    """
     host, port = parse_listen(listen)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    gate = stopping.Gate()
+    app[stopping.GATE] = gate
+    app.middlewares.insert(0, gate.middleware)  # outermost: counts and refuses everything
+    raise_open_files_limit()  # every client connection is an open file
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=stopping.FINAL_WRITES,
+        **runner_options(app[PROXY].config.limits),
+    )
     await runner.setup()
+    cut = cut or asyncio.Event()
     try:
         site = web.TCPSite(runner, host, port, reuse_address=True)
         await site.start()
         log.info("ollamux proxy listening on http://%s:%d", host, port)
-        await asyncio.Event().wait()
+        await (stop or asyncio.Event()).wait()
+        await site.stop()  # new connections are refused from here on
+        await stopping.drain(gate, drain, cut)
     finally:
-        await runner.cleanup()
+        if gate.in_flight:
+            stopping.cut_connections(runner.server)
+        # In its own task: aiohttp's shutdown gives up early inside a task being cancelled.
+        await asyncio.shield(asyncio.ensure_future(runner.cleanup()))

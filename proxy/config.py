@@ -20,15 +20,19 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 
 from proxy.errors import ConfigError
-from proxy.units import DurationError, parse_duration
+from proxy.units import DurationError, SizeError, parse_duration, parse_size
 
 Duration = Annotated[float, "duration"]
 """Seconds; YAML may say ``30``, ``"30s"``, ``"5m"`` or ``"1h30m"``; negative means forever."""
+
+Size = Annotated[int, "size"]
+"""Bytes; YAML may say ``67108864``, ``"64MiB"``, ``"1GiB"`` or ``"500MB"``."""
 
 Launcher = Literal["process", "systemd", "external", "emulated"]
 PolicyName = Literal["vram_queue", "least_connections", "round_robin", "random"]
 
 GIB = 1024**3
+MIB = 1024**2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -171,6 +175,11 @@ class RoutingConfig:
     session_affinity: bool = True
     scale_out: bool = True
     """Load a replica on an idle GPU when the wait behind the warm ones exceeds its load time."""
+    attempts: int = 3
+    """Distinct instances a request may be tried on before its first byte reaches the client."""
+
+    def __post_init__(self) -> None:
+        _check(self.attempts >= 1, "attempts", "must be >= 1, e.g. 3")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,20 +198,64 @@ class QueueConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TimeoutConfig:
-    """Timeouts towards the instances."""
+    """Deadlines towards the instances, one per phase of a request: a hang is told from a load."""
 
     connect: Duration = 5.0
     health_interval: Duration = 2.0
     health_timeout: Duration = 2.0
     start: Duration = 60.0
     """How long an instance may take to answer its first health check."""
-    first_byte: Duration = 300.0
-    """How long an instance may take to start answering (a cold load included) before the
-    request is retried elsewhere; Ollama's own load timeout is 5 minutes."""
+    load: Duration = 120.0
+    """Floor of the wait for a cold model to load before the first token; the deadline is the
+    larger of this and four times the model's expected load time (learned from its loads)."""
+    first_token: Duration = 10.0
+    """Floor of the wait for the first token once the model is loaded; the deadline grows with the
+    prompt's length at the learned prompt rate."""
+    idle: Duration = 30.0
+    """Longest silence between two chunks of an answer before the stream is given up."""
+    drain: Duration = 30.0
+    """On SIGTERM or Ctrl-C: how long requests in flight may take to finish before the proxy
+    stops them and the instances."""
 
     def __post_init__(self) -> None:
-        for name in ("connect", "health_interval", "health_timeout", "start", "first_byte"):
+        for name in (
+            "connect", "health_interval", "health_timeout", "start", "load", "first_token",
+            "idle", "drain",
+        ):  # fmt: skip
             _check(getattr(self, name) > 0, name, "must be > 0, e.g. 5s")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EjectionConfig:
+    """Outlier ejection: instances whose requests keep failing are taken out for a while."""
+
+    consecutive: int = 3
+    """Failed requests in a row (connect errors, timeouts, 5xx, broken streams) that eject it."""
+    base: Duration = 5.0
+    """First ejection's length; it doubles each time the instance fails again after coming back."""
+    max: Duration = 300.0
+
+    def __post_init__(self) -> None:
+        _check(self.consecutive >= 1, "consecutive", "must be >= 1, e.g. 3")
+        _check(self.base > 0, "base", "must be > 0, e.g. 5s")
+        _check(self.max >= self.base, "max", "must be >= base, e.g. 5m")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LimitsConfig:
+    """What the proxy accepts from its clients: body sizes and how long a connection may idle."""
+
+    max_body: Size = 64 * MIB
+    """Largest request body; a larger one gets 413. ``/api/blobs`` uploads stream to an instance
+    and have no limit."""
+    client_idle: Duration = 30.0
+    """A client connection that has not sent a complete request head this long after connecting
+    or after its last answer is closed (idle keep-alive connections, clients that trickle their
+    headers); a request body that stalls this long gets 408."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_body >= 1024, "max_body", "must be at least 1KiB, e.g. 64MiB")
+        _check(self.client_idle > 0, "client_idle", "must be > 0, e.g. 30s")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -220,6 +273,8 @@ class Config:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
+    ejection: EjectionConfig = field(default_factory=EjectionConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     emulator: EmulatorConfig = field(default_factory=EmulatorConfig)
     source: str = ""
     """The file this config came from (set by the loader, not read from YAML)."""
@@ -426,6 +481,12 @@ def _convert(tp: Any, value: object, path: str) -> Any:
                 return parse_duration(value, env_style=True)
             except DurationError as exc:
                 raise ConfigError(f"{exc}; use e.g. 30s, 5m or 1h", path=path) from None
+        if "size" in args[1:]:
+            try:
+                return parse_size(value)
+            except SizeError as exc:
+                fix = "use e.g. 64MiB, 1GiB or a byte count"
+                raise ConfigError(f"{exc}; {fix}", path=path) from None
         return _convert(args[0], value, path)
     if origin is Literal:
         if value not in args:

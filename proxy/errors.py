@@ -8,10 +8,16 @@ OllamuxError
 │   ├── QueueFull          the model's (or the total) wait queue is at its limit
 │   ├── QueueTimeout       the request waited longer than queue.timeout for a slot
 │   └── NoHealthyInstance  no instance answers its health check
+├── RequestRefused         the client's request breaks one of the proxy's limits (HTTP 4xx)
+│   ├── BodyTooLarge       the body is over limits.max_body (413)
+│   ├── BodyTimeout        the body stalled longer than limits.client_idle (408)
+│   └── BodyIncomplete     the client ended the body before it was whole (400)
 ├── UpstreamError          an exchange with an instance failed (retried before the first byte)
 │   ├── UpstreamConnectError   could not connect, or the connection broke
 │   ├── UpstreamTimeout        no answer in time
-│   └── UpstreamStatus         answered 5xx before the first byte of a body we relay
+│   ├── UpstreamStatus         answered 5xx before the first byte of a body we relay
+│   └── UpstreamBroken         its answer broke off (or carried Ollama's error line) before
+│                              anything reached the client (a non-streamed answer the proxy builds)
 └── EmulatorError          the emulated Ollama refuses a request; carries Ollama's status and text
     ├── ModelNotFound      the model is not in the emulator's store (404; wording per endpoint)
     ├── BadRequest         400 with Ollama's message
@@ -69,6 +75,32 @@ class NoHealthyInstance(RoutingError):
     """Every instance is down or draining."""
 
 
+class RequestRefused(OllamuxError):
+    """The proxy refuses the client's request; clients get ``status`` with an Ollama-style body."""
+
+    status = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BodyTooLarge(RequestRefused):
+    """The request body is larger than ``limits.max_body``."""
+
+    status = 413
+
+
+class BodyTimeout(RequestRefused):
+    """The client stopped sending its request body for longer than ``limits.client_idle``."""
+
+    status = 408
+
+
+class BodyIncomplete(RequestRefused):
+    """The client's body ended before its declared length or chunked end."""
+
+
 class UpstreamError(OllamuxError):
     """One exchange with an instance failed."""
 
@@ -100,6 +132,23 @@ class UpstreamStatus(UpstreamError):
         self.status = status
         self.body = body
         self.headers = headers or {}
+
+
+class UpstreamBroken(UpstreamStatus):
+    """The answer broke off before anything reached the client; the body is what to answer."""
+
+    kind = "midstream"
+
+    def __init__(
+        self,
+        instance: str,
+        message: str,
+        status: int = 502,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(instance, status, body, headers)
+        self.message = message
 
 
 class EmulatorError(OllamuxError):

@@ -82,6 +82,12 @@ class Metrics:
             ["instance", "kind"],
             registry=registry,
         )
+        self.ejections = Counter(
+            "ollamux_ejections",
+            "Times an instance was taken out of rotation because its requests kept failing.",
+            ["instance"],
+            registry=registry,
+        )
         self.model_loads = Counter(
             "ollamux_model_loads",
             "Requests that made an instance load their model.",
@@ -143,8 +149,14 @@ class LiveCollector(Collector):
             "1 per model loaded on an instance.",
             labels=["instance", "model"],
         )
+        ejected = GaugeMetricFamily(
+            "ollamux_instance_ejected",
+            "1 while the instance is ejected: its requests kept failing; a probe re-admits it.",
+            labels=["instance"],
+        )
         for inst in instances:
             up.add_metric([inst.name], 1.0 if inst.healthy else 0.0)
+            ejected.add_metric([inst.name], 1.0 if inst.ejected else 0.0)
             inflight.add_metric([inst.name], inst.inflight_total())
             slots.add_metric([inst.name], inst.slots)
             for model in sorted(inst.loaded):
@@ -154,7 +166,7 @@ class LiveCollector(Collector):
         )
         for model, n in sorted(self._dispatcher.depths(empty=True).items()):
             depth.add_metric([model], n)
-        yield from (up, inflight, slots, loaded, depth)
+        yield from (up, ejected, inflight, slots, loaded, depth)
         yield from gpu_families(instances)
 
 

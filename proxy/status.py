@@ -70,7 +70,7 @@ def render(data: dict[str, Any], *, url: str = "", now: float | None = None) -> 
     """The status as text: a header, the instances and their GPUs, queues, recent requests."""
     now = time.time() if now is None else now
     lines = [_header(data, url), ""]
-    lines += _instances(data.get("instances") or [])
+    lines += _instances(data.get("instances") or [], now)
     lines.append("")
     queues = data.get("queues") or {}
     waiting = ", ".join(f"{m} {n}" for m, n in sorted(queues.items())) or "none waiting"
@@ -110,7 +110,17 @@ def _header(data: dict[str, Any], url: str) -> str:
     return " | ".join(parts)
 
 
-def _instances(instances: Sequence[dict[str, Any]]) -> list[str]:
+def _state(inst: dict[str, Any], now: float) -> str:
+    """``up``, ``down``, ``draining``, or ``ejected`` with when its probe is due."""
+    state = str(inst.get("state", ""))
+    until = inst.get("ejected_until")
+    if state != "ejected" or until is None:
+        return state
+    left = float(until) - now
+    return f"ejected (probe in {_age(left)})" if left >= 1 else "ejected (probing)"
+
+
+def _instances(instances: Sequence[dict[str, Any]], now: float) -> list[str]:
     rows: list[list[str]] = []
     for inst in instances:
         ttft = inst.get("ttft") or {}
@@ -120,7 +130,7 @@ def _instances(instances: Sequence[dict[str, Any]]) -> list[str]:
         loading = ", ".join(f"{m} (loading)" for m in inst.get("loading") or [])
         first = [
             str(inst.get("name", "")),
-            str(inst.get("state", "")),
+            _state(inst, now),
             f"{inst.get('inflight_total', 0)}/{inst.get('slots', 0)}",
             f"{_secs(ttft.get('p50'))}/{_secs(ttft.get('p95'))}",
             _reasons(inst.get("reasons") or {}),

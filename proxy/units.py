@@ -72,6 +72,49 @@ def parse_duration(value: object, *, env_style: bool = False) -> float:
     return FOREVER if seconds < 0 else seconds
 
 
+_SIZE = re.compile(r"(\d+\.?\d*|\.\d+)\s*([a-z]*)")
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+
+
+class SizeError(ValueError):
+    """A size that is not a byte count nor a number with a byte unit."""
+
+
+def parse_size(value: object) -> int:
+    """Bytes from an integer or a string such as ``64MiB``, ``1.5GiB``, ``500MB`` or ``1048576``.
+
+    ``KiB``/``MiB``/``GiB``/``TiB`` are powers of 1024, ``KB``/``MB``/``GB``/``TB`` powers of 1000
+    (as Ollama writes sizes); units are case-insensitive.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise SizeError(f"not a size: {value!r}")
+    if isinstance(value, (int, float)):
+        number, factor = float(value), 1
+    else:
+        match = _SIZE.fullmatch(value.strip().lower())
+        if match is None or match.group(2) not in _SIZE_UNITS:
+            raise SizeError(f"not a size: {value!r}")
+        number, factor = float(match.group(1)), _SIZE_UNITS[match.group(2)]
+    if number < 0 or math.isinf(number) or math.isnan(number):
+        raise SizeError(f"not a size: {value!r}")
+    return int(number * factor)
+
+
 def format_bytes(n: float) -> str:
     """Human size with binary units, e.g. ``23.6 GiB``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

@@ -23,7 +23,8 @@ from aiohttp import web
 
 from proxy.api.context import Proxy
 from proxy.api.http import rejection_reason
-from proxy.errors import RoutingError
+from proxy.balancer.state import InstanceState
+from proxy.errors import RoutingError, UpstreamError
 from proxy.metrics import NO_INSTANCE, endpoint_label
 
 log = logging.getLogger("ollamux.access")
@@ -138,6 +139,14 @@ def accounted(proxy: Proxy, access: Access) -> Iterator[Access]:
         ).inc()
         proxy.recent.append(access.record())
         log.info("%s", access.line())
+
+
+def count_failure(
+    proxy: Proxy, inst: InstanceState, exc: UpstreamError, *, kind: str | None = None
+) -> None:
+    """An exchange with ``inst`` failed: count it and say so in the log."""
+    proxy.metrics.upstream_errors.labels(inst.name, kind or exc.kind).inc()
+    log.warning("instance %s failed: %s", inst.name, exc.message)
 
 
 def body_model(body: bytes) -> str:

@@ -33,7 +33,7 @@ def routes(registry: CollectorRegistry) -> list[web.RouteDef]:
 async def status(request: web.Request) -> web.Response:
     """Instances, queues per model, queue limits, policy and the last requests answered."""
     proxy = request.app[PROXY]
-    dispatcher = proxy.dispatcher
+    dispatcher = proxy.router.dispatcher
     gpus = {reading.uuid: gpu for gpu, reading in gpu_readings(proxy.instances)}
     limits = proxy.config.queue
     return json_response(
@@ -48,19 +48,29 @@ async def status(request: web.Request) -> web.Response:
                 "max_total": limits.max_total,
                 "timeout": limits.timeout,
             },
-            "instances": [instance(inst, gpus) for inst in proxy.instances],
+            "instances": [
+                instance(inst, gpus, ejected_for=proxy.router.outliers.seconds_left(inst))
+                for inst in proxy.instances
+            ],
             "recent": list(reversed(proxy.recent)),
         }
     )
 
 
-def instance(inst: InstanceState, gpu_labels: dict[str, str]) -> dict[str, Any]:
+def instance(
+    inst: InstanceState, gpu_labels: dict[str, str], *, ejected_for: float | None = None
+) -> dict[str, Any]:
+    """One instance's entry; ``ejected_for``: seconds left of its ejection's back-off."""
     return {
         "name": inst.name,
         "url": inst.url,
         "state": inst.state,
         "healthy": inst.healthy,
         "draining": inst.draining,
+        "ejected": inst.ejected,
+        "ejected_until": None if ejected_for is None else round(time.time() + ejected_for, 1),
+        "ejections": inst.ejections,
+        "strikes": inst.strikes,
         "version": inst.version,
         "gpus": [
             {

@@ -1,4 +1,4 @@
-"""What every handler shares, under one typed AppKey: the router, the forwarder and friends."""
+"""What every handler shares, under one typed AppKey: the router, the session and friends."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import aiohttp
 from aiohttp import web
 
 from proxy.balancer.monitor import Monitor
-from proxy.balancer.queue import Dispatcher
+from proxy.balancer.router import Router
 from proxy.balancer.state import InstanceState, ModelBook
 from proxy.config import Config
-from proxy.forward import Forwarder
+from proxy.forward import Exchange
 from proxy.metrics import Metrics
 
 RECENT_REQUESTS = 20
@@ -28,11 +28,10 @@ class Proxy:
     config: Config
     instances: list[InstanceState]
     book: ModelBook
-    dispatcher: Dispatcher
+    router: Router
     metrics: Metrics
     model_label: Callable[[str], str]
     session: aiohttp.ClientSession | None = None
-    forwarder: Forwarder | None = None
     monitor: Monitor | None = None
     pulls: dict[str, Any] = field(default_factory=dict)
     """Pulls in progress by model (see api/pull.py)."""
@@ -41,15 +40,16 @@ class Proxy:
     started_at: float = field(default_factory=time.time)
 
     def healthy(self) -> list[InstanceState]:
-        return [i for i in self.instances if i.healthy and not i.draining]
+        """Instances new requests may go to (up, not ejected, not draining)."""
+        return self.router.routable()
 
     def client(self) -> aiohttp.ClientSession:
         assert self.session is not None, "used outside the app's lifetime"
         return self.session
 
-    def fwd(self) -> Forwarder:
-        assert self.forwarder is not None, "used outside the app's lifetime"
-        return self.forwarder
+    def exchange(self, inst: InstanceState) -> Exchange:
+        """A new exchange with ``inst`` over the pooled session (see ``proxy/forward.py``)."""
+        return Exchange(self.client(), inst, connect=self.config.timeouts.connect)
 
 
 PROXY = web.AppKey("proxy", Proxy)

@@ -8,12 +8,18 @@ import logging
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from proxy.api.body import too_large
 from proxy.api.context import PROXY
-from proxy.errors import OllamuxError, QueueFull, QueueTimeout, RoutingError
+from proxy.errors import OllamuxError, QueueFull, QueueTimeout, RequestRefused, RoutingError
 
 log = logging.getLogger("ollamux.access")
 
-_OPENAI_TYPES = {400: "invalid_request_error", 404: "not_found_error"}
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    408: "invalid_request_error",
+    413: "invalid_request_error",
+}
 
 
 def is_openai(path: str) -> bool:
@@ -57,15 +63,30 @@ def rejection_reason(exc: RoutingError) -> str:
     return "no_instance"
 
 
+def refused(request: web.Request, status: int, message: str) -> web.Response:
+    """A 4xx for a request the proxy will not take; the connection closes after it, since the
+    rest of the client's body may still be on its way."""
+    log.warning("refused %s %s with %d: %s", request.method, request.path, status, message)
+    response = error_response(request.path, status, message)
+    response.force_close()
+    return response
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The seam: RoutingError -> 503 + Retry-After; aiohttp's 404/405 -> Ollama's plain texts."""
+    """The seam: RoutingError -> 503 + Retry-After; RequestRefused -> its 4xx (413, 408, 400);
+    aiohttp's 404/405 -> Ollama's plain texts."""
     try:
         return await handler(request)
     except RoutingError as exc:  # the access line (api/access.py) already told why
         request.app[PROXY].metrics.rejected.labels(rejection_reason(exc)).inc()
         headers = {"Retry-After": str(exc.retry_after)}
         return error_response(request.path, 503, exc.message, headers)
+    except RequestRefused as exc:  # a body over limits.max_body, stalled or cut short
+        return refused(request, exc.status, exc.message)
+    except web.HTTPRequestEntityTooLarge:  # request.read() past client_max_size (= max_body)
+        error = too_large(request.app[PROXY].config.limits.max_body)
+        return refused(request, error.status, error.message)
     except web.HTTPMethodNotAllowed:
         return web.Response(status=405, text="405 method not allowed")
     except web.HTTPNotFound:

@@ -100,8 +100,7 @@ async def drain(request: web.Request) -> web.StreamResponse:
     found = _admit(request)
     if isinstance(found, web.StreamResponse):
         return found
-    if not found.draining:
-        found.draining = True
+    if request.app[PROXY].router.set_draining(found, True):
         log.info(
             "instance %s is draining: no new requests; %d in flight finish",
             found.name, found.inflight_total(),
@@ -114,10 +113,8 @@ async def undrain(request: web.Request) -> web.StreamResponse:
     if isinstance(found, web.StreamResponse):
         return found
     proxy = request.app[PROXY]
-    if found.draining:
-        found.draining = False
+    if proxy.router.set_draining(found, False):
         log.info("instance %s takes requests again", found.name)
-        proxy.dispatcher.pump()  # requests waiting in the proxy may start there now
     return json_response(_entry(proxy, found, request.app[LAUNCHER]))
 
 

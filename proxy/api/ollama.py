@@ -11,8 +11,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from proxy.api import pull, relay
+from proxy.api import blobs, pull, relay
 from proxy.api.context import PROXY, Proxy
+from proxy.api.passthrough import passthrough
 from proxy.balancer.state import InstanceState
 
 FANOUT_TIMEOUT = 3.0
@@ -31,14 +32,14 @@ def routes() -> list[web.RouteDef]:
         web.post("/api/chat", relay.handle),
         web.post("/api/embed", relay.handle),
         web.post("/api/embeddings", relay.handle),
-        web.post("/api/show", relay.passthrough),
+        web.post("/api/show", passthrough),
         web.post("/api/pull", pull.handle),
-        web.post("/api/push", relay.passthrough),
-        web.post("/api/create", _then_refresh(relay.passthrough)),
-        web.post("/api/copy", _then_refresh(relay.passthrough)),
-        web.delete("/api/delete", _then_refresh(relay.passthrough)),
-        web.head("/api/blobs/{digest}", relay.passthrough),
-        web.post("/api/blobs/{digest}", relay.passthrough),
+        web.post("/api/push", passthrough),
+        web.post("/api/create", _then_refresh(passthrough)),
+        web.post("/api/copy", _then_refresh(passthrough)),
+        web.delete("/api/delete", _then_refresh(passthrough)),
+        web.head("/api/blobs/{digest}", passthrough),
+        web.post("/api/blobs/{digest}", blobs.upload),  # streamed, not held to max_body
     ]
 
 

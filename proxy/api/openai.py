@@ -9,6 +9,7 @@ from aiohttp import web
 from proxy.api import relay
 from proxy.api.context import PROXY
 from proxy.api.ollama import fan_out, json_response
+from proxy.api.passthrough import passthrough
 
 
 def routes() -> list[web.RouteDef]:
@@ -19,7 +20,7 @@ def routes() -> list[web.RouteDef]:
         web.post("/v1/responses", relay.handle),
         web.post("/v1/messages", relay.handle),
         web.get("/v1/models", models),
-        web.get("/v1/models/{model}", relay.passthrough),
+        web.get("/v1/models/{model}", passthrough),
     ]
 
 

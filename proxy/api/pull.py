@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from proxy.api import relay
 from proxy.api.access import accounted, begin
+from proxy.api.body import request_body
 from proxy.api.context import PROXY, Proxy
 from proxy.api.http import error_response
+from proxy.api.passthrough import passthrough
 from proxy.balancer.state import InstanceState
 from proxy.names import is_valid, normalize
 
@@ -40,15 +41,15 @@ class _Pull:
 
 async def handle(request: web.Request) -> web.StreamResponse:
     proxy = request.app[PROXY]
-    body = await request.read()
+    body = await request_body(request)
     try:
         data = json.loads(body)
         name = data.get("model") or data.get("name")
         stream = data.get("stream", True) is not False
     except (ValueError, AttributeError):
-        return await relay.passthrough(request, body)
+        return await passthrough(request, body)
     if not isinstance(name, str) or not is_valid(name) or not proxy.healthy():
-        return await relay.passthrough(request, body)
+        return await passthrough(request, body)
     key = normalize(name).lower()
     pulls: dict[str, _Pull] = proxy.pulls
     job = pulls.get(key)

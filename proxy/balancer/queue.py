@@ -14,9 +14,10 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from proxy.balancer.policy import Decision, Policy
-from proxy.balancer.state import InstanceState, LoadedModel, ModelBook, RouteRequest
+from proxy.balancer.state import InstanceState, ModelBook, Outcome, RouteRequest
 from proxy.config import QueueConfig
 from proxy.errors import NoHealthyInstance, QueueFull, QueueTimeout
 from proxy.names import model_key
@@ -26,15 +27,26 @@ _SESSIONS_KEPT = 10_000
 
 @dataclass(eq=False)
 class Lease:
-    """A slot on one instance, held from bind to release."""
+    """A slot on one instance, held from bind to release (see ``balancer/router.py``)."""
 
     instance: InstanceState
     model: str
     decision: Decision
     queued_s: float
     cold: bool
-    """The model was not loaded there when bound: this request pays for the load."""
+    """The model was not loaded there when bound: this request waits for a load."""
+    bound_at: float = 0.0
+    first_token_s: float | None = None
+    """Seconds from bind to the model's first answer; None until it started."""
+    outcome: Outcome | None = None
+    """How it ended, as the HTTP layer saw it; None when it left without saying (cancelled)."""
+    final: dict[str, Any] | None = None
+    """The answer's final metrics line (token counts), when one came."""
     released: bool = False
+
+    @property
+    def started(self) -> bool:
+        return self.first_token_s is not None
 
 
 @dataclass(eq=False)
@@ -79,7 +91,7 @@ class Dispatcher:
         """Wait for a slot for ``model``; raises QueueFull, QueueTimeout or NoHealthyInstance."""
         model = model_key(model)
         excluded = frozenset(exclude)
-        if not any(i.healthy and not i.draining for i in self._candidates(excluded)):
+        if not any(i.routable for i in self._candidates(excluded)):
             raise NoHealthyInstance("no healthy Ollama instance is available", retry_after=5)
         waiter = _Waiter(
             model, session, excluded, self._clock(), asyncio.get_running_loop().create_future()
@@ -104,16 +116,6 @@ class Dispatcher:
             self._abandon(waiter)
             raise
 
-    def loaded(self, lease: Lease) -> None:
-        """The first byte came back: the model is loaded there now (if it was cold)."""
-        inst = lease.instance
-        if lease.cold and lease.model in inst.loading:
-            size = inst.loading.pop(lease.model)
-            inst.loaded.setdefault(
-                lease.model, LoadedModel(name=lease.model, size_vram=size, context_length=0)
-            )
-            self.pump()
-
     def release(self, lease: Lease) -> None:
         """The request is over (done, failed or cancelled): free its slot and serve the queue."""
         if lease.released:
@@ -125,8 +127,8 @@ class Dispatcher:
             inst.inflight[lease.model] = left
         else:
             inst.inflight.pop(lease.model, None)
-        if lease.cold and lease.model in inst.loading and left <= 0:
-            del inst.loading[lease.model]  # the load never showed a byte: forget the reservation
+        if left <= 0 and lease.model not in inst.loaded:
+            inst.loading.pop(lease.model, None)  # nobody waits for that load there any more
         self.pump()
 
     def pump(self) -> None:
@@ -185,7 +187,7 @@ class Dispatcher:
         views = [
             inst.view(model, slots=inst.slots, affinity=inst.name == previous)
             for inst in self._candidates(waiter.exclude)
-            if inst.healthy and not inst.draining
+            if inst.routable
         ]
         if not views:
             return None
@@ -201,8 +203,8 @@ class Dispatcher:
         if decision is None:
             return None
         inst = self.instances[decision.instance]
-        cold = not inst.is_warm(model)
-        if cold:
+        cold = model not in inst.loaded
+        if cold and model not in inst.loading:
             inst.loading[model] = request.est_size
         inst.inflight[model] = inst.inflight.get(model, 0) + 1
         if waiter.session:
@@ -212,7 +214,8 @@ class Dispatcher:
                 self._sessions.popitem(last=False)
         inst.reasons[decision.reason] = inst.reasons.get(decision.reason, 0) + 1
         self._on_decision(decision.reason)
-        return Lease(inst, model, decision, self._clock() - waiter.since, cold)
+        now = self._clock()
+        return Lease(inst, model, decision, now - waiter.since, cold, bound_at=now)
 
     def _abandon(self, waiter: _Waiter) -> None:
         """Drop a waiter that gave up; if it was granted meanwhile, hand the slot back."""

@@ -1,12 +1,14 @@
 """What the router knows about each instance: health, loaded models, slots, in-flight, VRAM.
 
-``InstanceState`` is mutable and owned by the dispatcher and the monitor; policies never see it.
+``InstanceState`` is mutable and written only by the router (``balancer/router.py``, with its
+dispatcher and outlier ejection) and the monitor; policies never see it.
 They see ``InstanceView``, a frozen snapshot made for one decision, so that a policy is a pure
 function that tests can feed by hand.
 """
 
 from __future__ import annotations
 
+import enum
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -17,6 +19,18 @@ GIB = 1024**3
 _EWMA = 0.2
 RECENT = 50
 """Times to first token kept per instance for ``/proxy/status``."""
+
+
+class Outcome(str, enum.Enum):
+    """How one request on one instance ended; the last four count against the instance."""
+
+    OK = "ok"
+    """The instance answered (a 4xx included: that is the request's fault, not the instance's)."""
+    CLIENT_GONE = "client_gone"
+    CONNECT = "connect"
+    TIMEOUT = "timeout"
+    STATUS = "status"
+    MIDSTREAM = "midstream"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,6 +55,14 @@ class InstanceState:
     """False until the first health check answers."""
     draining: bool = False
     failures: int = 0
+    """Failed health checks in a row."""
+    strikes: int = 0
+    """Failed requests in a row (see ``balancer/outlier.py``)."""
+    ejected: bool = False
+    """Outlier ejection keeps requests away until a real probe passes after ``ejected_until``."""
+    ejected_until: float = 0.0
+    ejections: int = 0
+    """Ejections since it last served cleanly: each one doubles the next back-off."""
     loaded: dict[str, LoadedModel] = field(default_factory=dict)
     loading: dict[str, int] = field(default_factory=dict)
     """Models the proxy sent a cold request for, not yet seen in /api/ps -> reserved bytes."""
@@ -63,7 +85,14 @@ class InstanceState:
         """``down``, ``draining`` or ``up``, as status pages show it."""
         if not self.healthy:
             return "down"
+        if self.ejected:
+            return "ejected"
         return "draining" if self.draining else "up"
+
+    @property
+    def routable(self) -> bool:
+        """New requests may go there: it answers, is not ejected and is not draining."""
+        return self.healthy and not self.ejected and not self.draining
 
     def inflight_total(self) -> int:
         return sum(self.inflight.values())
@@ -145,6 +174,14 @@ class ModelStats:
     size_vram: int = 0
     service_s: float = 0.0
     load_s: float = 0.0
+    prompt_tps: float = 0.0
+    """Prompt tokens per second from bind to first token, on warm instances (proxy's clock)."""
+
+    def observe_prompt(self, tokens: int, seconds: float) -> None:
+        if tokens <= 0 or seconds <= 0:
+            return
+        rate = tokens / seconds
+        self.prompt_tps = rate if self.prompt_tps == 0 else _ewma(self.prompt_tps, rate)
 
     def observe_service(self, seconds: float) -> None:
         self.service_s = seconds if self.service_s == 0 else _ewma(self.service_s, seconds)

@@ -272,6 +272,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path.startswith("/v1/"):
             return openai.error_response(exc)
         return error_response(exc.status, exc.message)
+    except ConnectionResetError:  # the client left while we wrote: like Ollama, say nothing
+        raise asyncio.CancelledError from None
 
 
 def _is_loopback(bind_host: str) -> bool:

@@ -5,12 +5,18 @@ launcher       what `ollamux serve` does with it
 =============  ===============================================================================
 ``process``    runs ``ollama serve`` pinned to its GPU(s) and supervises it (process.py)
 ``emulated``   runs ``ollamux emulate`` and supervises it (emulated.py)
-``systemd``    connects: checks that ``ollama@NAME.service`` answers; restarts go to systemctl
-``external``   connects: checks that its URL answers
+``systemd``    connects to ``ollama@NAME.service``; restarts go to systemctl
+``external``   connects to its URL
 =============  ===============================================================================
 
-Once all answer, the routing proxy starts in front of them with a :class:`FleetLauncher`, through
-which the admin API restarts an instance.
+Once every launched instance answers (a launched one that cannot start fails `serve` at once), the
+routing proxy starts in front of them with a :class:`FleetLauncher`, through which the admin API
+restarts an instance. A connected instance that does not answer yet only delays the start while
+nothing else answers (up to ``timeouts.start``); it starts marked down and the monitor picks it up
+once it answers.
+
+Stopping (SIGTERM, Ctrl-C): the proxy drains first (see :mod:`proxy.api.stopping`), then the
+supervisor stops the instances; a second signal cuts the drain short.
 """
 
 from __future__ import annotations
@@ -18,10 +24,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import itertools
 import logging
+import os
 from dataclasses import dataclass, field
 
-from proxy.config import Config, InstanceConfig, parse_listen
+import aiohttp
+
+from proxy.config import Config, InstanceConfig, TimeoutConfig, parse_listen
 from proxy.errors import ConfigError, LaunchError
 from proxy.instances.emulated import emulated_child
 from proxy.instances.pinning import pin_with_nvml
@@ -38,7 +48,15 @@ from proxy.instances.supervisor import (
 from proxy.instances.systemctl import restart_unit
 from proxy.instances.systemd import instance_unit
 
-__all__ = ["FleetLauncher", "FleetPlan", "plan_fleet", "run_fleet", "serve", "with_listen"]
+__all__ = [
+    "FleetLauncher",
+    "FleetPlan",
+    "check_connected",
+    "plan_fleet",
+    "run_fleet",
+    "serve",
+    "with_listen",
+]
 
 log = logging.getLogger(__name__)
 
@@ -143,55 +161,108 @@ async def run_fleet(
     *,
     policy: RestartPolicy | None = None,
     stop: asyncio.Event | None = None,
+    cut: asyncio.Event | None = None,
 ) -> None:
-    """Check, start and supervise the instances, with the proxy in front, until ``stop``.
+    """Start and supervise the instances, with the proxy in front, until ``stop``.
 
-    Without ``stop`` SIGINT and SIGTERM stop it (what `ollamux serve` wants); tests pass their own.
+    On ``stop`` the proxy drains first (``timeouts.drain``; ``cut`` ends the drain at once), then
+    the instances stop. Without ``stop`` the first SIGINT or SIGTERM sets ``stop`` and the second
+    ``cut`` (what `ollamux serve` wants); tests pass their own events.
     """
-    timeouts = config.timeouts
     if stop is None:
-        stop = asyncio.Event()
-        stop_on_signals(stop)
-    checks = asyncio.gather(
-        *(
-            wait_ready(
-                _url(inst) + "/",
-                timeout=timeouts.start,
-                probe_timeout=timeouts.health_timeout,
-                name=f"{inst.name} ({_how(inst)})",
-            )
-            for inst in plan.connect
-        )
-    )
-    if not await unless_stopped(checks, stop):
-        return
+        stop, cut = asyncio.Event(), asyncio.Event()
+        stop_on_signals(stop, cut)
+    cut = cut or asyncio.Event()
+    timeouts = config.timeouts
     policy = policy or RestartPolicy(
         start_timeout=timeouts.start, probe_timeout=timeouts.health_timeout
     )
     supervisor = Supervisor(plan.children, policy=policy)
     launcher = FleetLauncher(config, supervisor)
+    halt = asyncio.Event()
+    """The instances stop: once the proxy has drained, or at once while there is no proxy yet."""
     proxy_task: asyncio.Task[None] | None = None
 
     def ready() -> None:
         nonlocal proxy_task
         for child in supervisor.children:
             log.info("%s answers at %s (pid %s)", child.name, child.spec.health_url, child.pid)
-        for inst in plan.connect:
-            log.info("%s answers at %s (%s)", inst.name, _url(inst), _how(inst))
-        count = len(plan.children) + len(plan.connect)
-        log.info("%d instance(s) up; starting the routing proxy", count)
-        proxy_task = asyncio.get_running_loop().create_task(_run_proxy(config, launcher))
-        proxy_task.add_done_callback(lambda _task: stop.set())  # no proxy, no point: stop all
+        proxy = _run_proxy(config, launcher, plan, stop, cut)
+        proxy_task = asyncio.get_running_loop().create_task(proxy)
+        proxy_task.add_done_callback(lambda _task: halt.set())  # no proxy, no point: stop all
 
+    async def halt_on_stop() -> None:
+        await stop.wait()
+        if proxy_task is None:
+            halt.set()
+
+    watch = asyncio.ensure_future(halt_on_stop())
     try:
-        await supervisor.run(stop, on_ready=ready)
+        await supervisor.run(halt, on_ready=ready)
     finally:
-        if proxy_task is not None:
-            proxy_task.cancel()
-            await asyncio.gather(proxy_task, return_exceptions=True)
+        watch.cancel()
+        if proxy_task is not None:  # done already, unless the supervisor failed: cut it short
+            stop.set()
+            cut.set()
+            await asyncio.gather(proxy_task, watch, return_exceptions=True)
     log.info("all instances stopped")
     if proxy_task is not None and not proxy_task.cancelled() and proxy_task.exception():
         raise LaunchError(str(proxy_task.exception()))
+
+
+async def check_connected(
+    connect: list[InstanceConfig], timeouts: TimeoutConfig, *, others_up: bool
+) -> list[InstanceConfig]:
+    """Which ``connect`` instances answer ``GET /`` now; those that do not are logged as down.
+
+    One round of probes when ``others_up`` (there is somewhere to route already), else rounds
+    until one answers or ``timeouts.start`` passes. The monitor keeps probing those down.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeouts.start
+    answered: list[InstanceConfig] = []
+    last: dict[str, str] = {}
+    client_timeout = aiohttp.ClientTimeout(total=timeouts.health_timeout)
+    async with aiohttp.ClientSession(timeout=client_timeout) as session:
+
+        async def probe(inst: InstanceConfig) -> None:
+            try:
+                async with session.get(_url(inst) + "/") as response:
+                    if response.status == 200:
+                        answered.append(inst)
+                        return
+                    last[inst.name] = f"HTTP {response.status}"
+            except aiohttp.ClientConnectorError as exc:
+                err = exc.os_error
+                last[inst.name] = f"cannot connect: {os.strerror(err.errno) if err.errno else err}"
+            except asyncio.TimeoutError:
+                last[inst.name] = f"no answer within {timeouts.health_timeout:g} s"
+            except (aiohttp.ClientError, OSError) as exc:
+                last[inst.name] = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+        for attempt in itertools.count():
+            await asyncio.gather(*(probe(inst) for inst in connect if inst not in answered))
+            if others_up or answered or not connect or loop.time() >= deadline:
+                break
+            if attempt == 0:
+                log.info(
+                    "no instance answers yet; waiting up to %g s (timeouts.start) for a first one",
+                    timeouts.start,
+                )
+            await asyncio.sleep(_PROBE_INTERVAL)
+    for inst in connect:
+        if inst in answered:
+            log.info("%s answers at %s (%s)", inst.name, _url(inst), _how(inst))
+        else:
+            log.warning(
+                "%s (%s) does not answer %s/ (last try: %s); it is marked down, and the proxy "
+                "keeps probing it and routes to it once it answers",
+                inst.name, _how(inst), _url(inst), last.get(inst.name, "no answer"),
+            )  # fmt: skip
+    return [inst for inst in connect if inst in answered]
+
+
+_PROBE_INTERVAL = 0.2
 
 
 def _url(inst: InstanceConfig) -> str:
@@ -215,12 +286,42 @@ _LISTEN_FIX = (
 )
 
 
-async def _run_proxy(config: Config, launcher: FleetLauncher) -> None:
-    """The routing proxy on ``config.listen`` in front of the instances, until cancelled."""
+async def _run_proxy(
+    config: Config,
+    launcher: FleetLauncher,
+    plan: FleetPlan,
+    stop: asyncio.Event,
+    cut: asyncio.Event,
+) -> None:
+    """The routing proxy on ``config.listen`` in front of the instances, until drained."""
     from proxy.app import build_app, serve_proxy  # the proxy's modules load only when serving
 
+    checking = asyncio.ensure_future(
+        check_connected(plan.connect, config.timeouts, others_up=bool(plan.children))
+    )
+    if not await unless_stopped(checking, stop):
+        return
+    total = len(plan.children) + len(plan.connect)
+    up = len(plan.children) + len(checking.result())
+    if up == total:
+        log.info("%d instance(s) up; starting the routing proxy", total)
+    elif up:
+        log.info("%d of %d instance(s) up; starting the routing proxy", up, total)
+    else:
+        log.warning(
+            "0 of %d instance(s) up after %g s (timeouts.start); starting the routing proxy "
+            "anyway: requests get 503 until one answers",
+            total,
+            config.timeouts.start,
+        )
     try:
-        await serve_proxy(build_app(config, launcher=launcher), config.listen)
+        await serve_proxy(
+            build_app(config, launcher=launcher),
+            config.listen,
+            stop=stop,
+            cut=cut,
+            drain=config.timeouts.drain,
+        )
     except OSError as exc:
         port = parse_listen(config.listen)[1]
         held = f", held by {holder(port)}" if exc.errno == errno.EADDRINUSE else ""

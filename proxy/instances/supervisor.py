@@ -8,7 +8,8 @@ No orphans: each child leads its own process group, so stopping signals the whol
 (SIGTERM, then SIGKILL after ``stop_timeout``), and on Linux the kernel sends it SIGTERM when this
 process dies, however it dies (``prctl(PR_SET_PDEATHSIG)``), SIGKILL included.
 
-Signal handlers only set an event (:func:`stop_on_signals`); one loop (:meth:`Supervisor.supervise`)
+Signal handlers only set events (:func:`stop_on_signals`: the first signal asks for a graceful
+stop, the second for stopping at once); one loop (:meth:`Supervisor.supervise`)
 notices crashed children and restarts them with exponential backoff, giving up on a child that
 crashes more than ``crash_limit`` times within ``crash_window`` seconds. :meth:`Supervisor.restart`
 restarts one child on request (the admin API's restart); the loop leaves that child alone meanwhile.
@@ -62,12 +63,21 @@ class RestartPolicy:
         return float(min(self.backoff_max, self.backoff_initial * 2 ** max(crashes - 1, 0)))
 
 
-def stop_on_signals(stop: asyncio.Event) -> None:
-    """Make SIGINT and SIGTERM set ``stop``; the handlers do nothing else."""
+def stop_on_signals(stop: asyncio.Event, cut: asyncio.Event | None = None) -> None:
+    """Make SIGINT and SIGTERM set ``stop``, and the next one ``cut``; the handlers do nothing else.
+
+    ``stop`` asks for a graceful stop (the proxy drains), ``cut`` for stopping at once.
+    """
     loop = asyncio.get_running_loop()
+
+    def handle() -> None:
+        if stop.is_set() and cut is not None:
+            cut.set()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):  # no signals off Unix
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, handle)
 
 
 async def unless_stopped(work: Awaitable[object], stop: asyncio.Event) -> bool:

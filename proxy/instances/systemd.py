@@ -18,6 +18,7 @@ Writing the files and calling systemctl is :mod:`proxy.instances.systemctl`'s jo
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from proxy.config_dump import plain
 from proxy.errors import ConfigError
 from proxy.instances.pinning import LOCAL
 from proxy.instances.process import instance_env, models_dir
+from proxy.instances.supervisor import RestartPolicy
 
 __all__ = [
     "ENV_DIR",
@@ -44,6 +46,7 @@ __all__ = [
     "instance_unit",
     "local_instances",
     "render",
+    "stop_timeout",
 ]
 
 UNIT_DIR = "/etc/systemd/system"
@@ -189,6 +192,14 @@ Group={USER}
 Restart=on-failure
 RestartSec=3
 
+# Stopping drains: SIGTERM goes to the proxy alone (KillMode=mixed); it refuses new requests and
+# lets those in flight finish for up to timeouts.drain ({_seconds(config.timeouts.drain)} s) \
+before it stops what it
+# launched. The ollama@ units stop after it, in the reverse order of After=.
+KillMode=mixed
+KillSignal=SIGTERM
+TimeoutStopSec={stop_timeout(config)}
+
 # The proxy only reads files, speaks HTTP, reads NVML (/dev/nvidia*) and talks to systemd.
 NoNewPrivileges=yes
 ProtectSystem=strict
@@ -204,6 +215,20 @@ RestrictNamespaces=yes
 LockPersonality=yes
 SystemCallArchitectures=native
 """
+
+
+def stop_timeout(config: Config) -> int:
+    """``TimeoutStopSec`` of the proxy: its drain, then its own instances' stop, with a margin."""
+    instances_stop = RestartPolicy().stop_timeout  # SIGTERM, then SIGKILL after this long
+    return math.ceil(config.timeouts.drain + instances_stop + _STOP_MARGIN)
+
+
+_STOP_MARGIN = 10.0
+"""Seconds for the last writes to clients, the instances' own exit and Python's."""
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}"
 
 
 def _target(config: Config, units: list[str]) -> str:

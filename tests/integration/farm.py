@@ -13,6 +13,7 @@ import openai
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
+from proxy.api.clients import runner_options
 from proxy.app import build_app
 from proxy.config import Config, GpuSpec, config_from_dict
 from proxy.emulator.catalogue import Catalogue
@@ -74,6 +75,7 @@ async def farm(
     queue: dict[str, Any] | None = None,
     routing: dict[str, Any] | None = None,
     context_length: int = 4096,
+    limits: dict[str, Any] | None = None,
 ) -> AsyncIterator[Farm]:
     """Start one emulator per GPU (sharing one model store) and the proxy in front of them."""
     specs = [GpuSpec(name=f"emu{i}", memory_gib=g) for i, g in enumerate(gpus)]
@@ -113,14 +115,14 @@ async def farm(
                 "health_interval": 0.2,
                 "health_timeout": 1.0,
                 "connect": 1.0,
-                "first_byte": 2.0,
             },
             "queue": {"timeout": 30, **(queue or {})},
+            "limits": limits or {},
         }
         config = config_from_dict(raw, source="test")
         registry = CollectorRegistry()
         proxy_server = TestServer(build_app(config, registry=registry), host="127.0.0.1")
-        await proxy_server.start_server()
+        await proxy_server.start_server(**runner_options(config.limits))  # as `ollamux serve`
         stack.push_async_callback(proxy_server.close)
         box = Farm(
             url=str(proxy_server.make_url("")).rstrip("/"),

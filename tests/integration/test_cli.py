@@ -371,17 +371,47 @@ def test_sigkill_of_serve_leaves_no_orphans(spawn: object, tmp_path: Path) -> No
     assert wait_gone(children) == set(), log.read_text()
 
 
-def test_serve_fails_clearly_when_an_external_instance_does_not_answer(tmp_path: Path) -> None:
-    (port,) = free_ports(1)
+@needs_server
+def test_serve_starts_when_no_external_instance_answers_and_serves_503_until_one_does(
+    spawn: object, tmp_path: Path
+) -> None:
+    assert callable(spawn)
+    port, listen = free_ports(2)
     path = tmp_path / "ext.yaml"
     path.write_text(
-        "timeouts: {start: 0.5s}\n"
+        f"listen: 127.0.0.1:{listen}\n"
+        "timeouts: {start: 0.5s}\n"  # how long it waits for a first answer: the subject here
         f"instances: [{{name: remote, launcher: external, url: 'http://127.0.0.1:{port}'}}]\n"
     )
-    result = ollamux("serve", "--config", str(path))
-    assert result.returncode == 1
-    assert f"instance remote (external) did not answer http://127.0.0.1:{port}/" in result.stderr
-    assert "Traceback" not in result.stderr
+    proc, log = spawn("serve", "--config", str(path))
+    deadline = time.monotonic() + 30
+    while "proxy listening" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    output = log.read_text()
+    assert f"remote (external) does not answer http://127.0.0.1:{port}/" in output
+    assert "0 of 1 instance(s) up after 0.5 s (timeouts.start); starting the routing" in output
+    body = json.dumps(
+        {"model": "llama3.2:1b", "prompt": "hi", "stream": False, "options": {"num_predict": 2}}
+    ).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{listen}/api/generate", data=body)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 503 and refused.value.headers["Retry-After"]
+    assert "error" in json.loads(refused.value.read())
+    backend, _ = spawn(
+        "emulate", "--listen", f"127.0.0.1:{port}", "--gpu", "r:24", "--speed", "20",
+        "--models-dir", str(tmp_path / "models"),
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while "instance remote (http://127.0.0.1:" not in log.read_text():  # the monitor saw it
+        assert backend.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        assert json.loads(reply.read())["done"] is True
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0, log.read_text()
+    assert "Traceback" not in log.read_text()
 
 
 def test_serve_checks_external_instances_and_stops_on_sigterm(

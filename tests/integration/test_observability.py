@@ -49,6 +49,7 @@ FAMILIES = {
     "ollamux_rejected": "counter",
     "ollamux_retries": "counter",
     "ollamux_upstream_errors": "counter",
+    "ollamux_ejections": "counter",
     "ollamux_model_loads": "counter",
     "ollamux_tokens": "counter",
     "ollamux_request_duration_seconds": "histogram",
@@ -58,6 +59,7 @@ FAMILIES = {
     "ollamux_inflight": "gauge",
     "ollamux_slots": "gauge",
     "ollamux_instance_up": "gauge",
+    "ollamux_instance_ejected": "gauge",
     "ollamux_gpu_memory_total_bytes": "gauge",
     "ollamux_gpu_memory_used_bytes": "gauge",
     "ollamux_gpu_memory_free_bytes": "gauge",
@@ -215,6 +217,11 @@ async def test_metrics_count_the_traffic(box: Farm) -> None:
     assert value(text, "ollamux_model_loaded", instance=holder, model=MODEL) == 1
     assert value(text, "ollamux_instance_up") == 4 and value(text, "ollamux_slots") == 8
     assert value(text, "ollamux_inflight") == 0
+    # ejections: a series per instance from the start, so increase() sees the first one
+    ejected = [dict(labels)["instance"] for n, labels in series(text) if n.startswith("ollamux_ej")]
+    assert sorted(ejected) == ["gpu0", "gpu1", "gpu2", "gpu3"]
+    assert value(text, "ollamux_ejections_total") == 0
+    assert value(text, "ollamux_instance_ejected") == 0
 
 
 @needs_promtool
@@ -448,7 +455,7 @@ async def test_real_prometheus_scrapes_the_proxy_with_the_shipped_config(
                 assert result["status"] == "success", (expr, result)
             async with s.get(api + "/api/v1/rules") as r:
                 groups = (await r.json())["data"]["groups"]
-            assert len(groups[0]["rules"]) == 8
+            assert len(groups[0]["rules"]) == 9
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)

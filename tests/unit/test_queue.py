@@ -122,15 +122,18 @@ async def test_cold_bind_reserves_vram_and_the_load_takes_its_slots_first() -> N
     free = inst.free_vram()
     assert free is not None and free < 20 * GIB
     joined = await d.acquire(M)  # the loading instance has a free slot: start there once loaded
-    assert joined.instance is inst and not joined.cold
+    assert joined.instance is inst and joined.cold  # it waits for that same load...
+    assert inst.free_vram() == free  # ...reserved once
     third = asyncio.ensure_future(d.acquire(M))
     await settle()
     assert not third.done()  # both slots taken: wait in the proxy, not inside Ollama
-    d.loaded(lease)
-    assert M in inst.loaded and inst.free_vram() == 20 * GIB
-    d.release(lease)
-    assert (await asyncio.wait_for(third, 1)).instance is inst
+    d.release(lease)  # the load's first request left; the others still wait for it
+    assert M in inst.loading
+    last = await asyncio.wait_for(third, 1)
+    assert last.instance is inst
     d.release(joined)
+    d.release(last)
+    assert inst.loading == {} and inst.free_vram() == 20 * GIB  # nobody waits: reservation gone
 
 
 async def test_a_long_queue_behind_a_load_scales_out() -> None:

@@ -94,6 +94,17 @@ def test_the_proxy_config_connects_to_the_units_instead_of_starting_them(tmp_pat
     assert "emulator" not in yaml.safe_load(text) and "ollama_binary" not in text
 
 
+def test_the_proxy_unit_gives_the_drain_time_to_stop(tmp_path: Path) -> None:
+    raw: dict[str, object] = {"instances": [{"name": "a", "gpu": 0}]}
+    proxy = rendered(tmp_path, raw)["/etc/systemd/system/ollamux.service"].splitlines()
+    # SIGTERM to the proxy alone, so the instances it launched keep serving while it drains
+    assert "KillMode=mixed" in proxy and "KillSignal=SIGTERM" in proxy
+    assert "TimeoutStopSec=50" in proxy  # timeouts.drain (30 s) + instances' stop (10 s) + 10 s
+    raw["timeouts"] = {"drain": "2m"}
+    proxy = rendered(tmp_path, raw)["/etc/systemd/system/ollamux.service"].splitlines()
+    assert "TimeoutStopSec=140" in proxy
+
+
 def test_env_values_are_quoted_for_systemd_and_one_line_only(tmp_path: Path) -> None:
     raw: dict[str, object] = {
         "models_dir": "/srv/ollama models",

@@ -1,0 +1,220 @@
+"""The one owner of a request's routing lifecycle: lease a slot, note its start, finish it once.
+
+The HTTP layer asks for a lease with ``async with router.lease(model) as lease`` and only says what
+happened (``lease.outcome``, ``lease.final``). Whatever way the block ends (an answer, an upstream
+failure, the client leaving, a cancellation at any await) the router finishes the lease exactly
+once: the slot goes back to the dispatcher, a load nobody waits for any more is forgotten, timings
+are learned, and the outcome counts for or against the instance (outlier ejection).
+
+Instance state is written here and in the monitor only. The load reservation (``inst.loading``)
+moves to ``inst.loaded`` when a request there sees its model's first answer, or when the monitor's
+``/api/ps`` lists the model (:meth:`Router.saw_loaded`); it is dropped when the last request
+waiting for it leaves without an answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from proxy.balancer.outlier import Outliers
+from proxy.balancer.policy import Policy
+from proxy.balancer.queue import DecisionHook, Dispatcher, Lease
+from proxy.balancer.state import InstanceState, LoadedModel, ModelBook, Outcome
+from proxy.config import Config
+from proxy.names import model_key
+
+log = logging.getLogger("ollamux.router")
+
+CHARS_PER_TOKEN = 4
+"""A prompt's length in tokens, roughly, from its body's bytes (a generous deadline's input)."""
+_FAILURES = frozenset({Outcome.CONNECT, Outcome.TIMEOUT, Outcome.STATUS, Outcome.MIDSTREAM})
+
+
+class Abortable(Protocol):
+    """An exchange in flight that the router can end when its instance goes away."""
+
+    def abort(self, reason: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """Seconds an exchange may wait: for its first byte, then between two chunks."""
+
+    first: float
+    idle: float
+
+
+class Router:
+    """Leases, deadlines and outcomes for every request; the dispatcher grants the slots."""
+
+    def __init__(
+        self,
+        instances: Iterable[InstanceState],
+        policy: Policy,
+        book: ModelBook,
+        config: Config,
+        *,
+        on_decision: DecisionHook | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.instances = list(instances)
+        self.book = book
+        self.dispatcher = Dispatcher(
+            self.instances, policy, book, config.queue, on_decision=on_decision, clock=clock
+        )
+        self.outliers = Outliers(
+            config.ejection,
+            clock=clock,
+            on_change=self.dispatcher.pump,
+            on_eject=lambda inst: self.abort_on(inst, f"instance {inst.name} was ejected"),
+        )
+        self._timeouts = config.timeouts
+        self._clock = clock
+        self._active: dict[str, set[Abortable]] = {i.name: set() for i in self.instances}
+        self._started_at: dict[tuple[str, str], float] = {}
+        """When a request last saw a model start on an instance (the monitor's polls may lag)."""
+
+    # --- the request's lifecycle ----------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def lease(
+        self, model: str, *, session: str = "", exclude: Iterable[str] = ()
+    ) -> AsyncIterator[Lease]:
+        """A slot for ``model``, finished once however the block ends.
+
+        Raises QueueFull, QueueTimeout or NoHealthyInstance before granting one.
+        """
+        lease = await self.dispatcher.acquire(model, session=session, exclude=exclude)
+        try:
+            yield lease
+        except BaseException:
+            lease.outcome = lease.outcome or Outcome.CLIENT_GONE
+            raise
+        finally:
+            self._finish(lease)
+
+    def started(self, lease: Lease) -> None:
+        """The model began to answer: it is loaded there now, whatever it took."""
+        if lease.started:
+            return
+        lease.first_token_s = max(self._clock() - lease.bound_at, 0.0)
+        inst, model = lease.instance, lease.model
+        if model in inst.loaded:
+            return
+        size = inst.loading.pop(model, 0) or self.book.estimate_size(model)
+        inst.loaded[model] = LoadedModel(name=model, size_vram=size, context_length=0)
+        self._started_at[inst.name, model] = self._clock()
+        if lease.cold:
+            self.book.stats(model).observe_load(lease.first_token_s)
+        self.dispatcher.pump()
+
+    def deadlines(self, lease: Lease, *, prompt_bytes: int, silent: bool = False) -> Deadlines:
+        """How long the exchange for ``lease`` may wait for its first byte, then between chunks.
+
+        The first token: at least ``timeouts.first_token``, more for a long prompt at the learned
+        prompt rate; plus the load when the model is cold there (at least ``timeouts.load``).
+        ``silent``: the answer comes in one piece at the end (a non-streamed generation the proxy
+        cannot watch), so the whole generation must fit before the first byte too.
+        """
+        t = self._timeouts
+        stats = self.book.stats(lease.model)
+        first = t.first_token
+        if stats.prompt_tps:
+            first = max(first, 3 * prompt_bytes / CHARS_PER_TOKEN / stats.prompt_tps)
+        if lease.cold:
+            first += max(t.load, 4 * self.book.estimate_load_s(lease.model))
+        if silent:
+            first += max(t.load, 4 * self.book.estimate_service_s(lease.model))
+        return Deadlines(first=first, idle=t.idle)
+
+    def _finish(self, lease: Lease) -> None:
+        if lease.released:
+            return
+        self.dispatcher.release(lease)
+        outcome = lease.outcome or Outcome.CLIENT_GONE
+        inst = lease.instance
+        if outcome in _FAILURES:
+            self.outliers.failure(inst, outcome.value)
+            return
+        if outcome is not Outcome.OK or not lease.started:
+            return
+        self.outliers.success(inst)
+        assert lease.first_token_s is not None
+        inst.recent_ttft.append(lease.queued_s + lease.first_token_s)
+        stats = self.book.stats(lease.model)
+        if not lease.cold:
+            stats.observe_service(max(self._clock() - lease.bound_at, 0.0))
+            prompt = (lease.final or {}).get("prompt_eval_count")
+            if isinstance(prompt, int):
+                stats.observe_prompt(prompt, lease.first_token_s)
+
+    # --- exchanges in flight --------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def watching(self, inst: InstanceState, exchange: Abortable) -> Iterator[None]:
+        """Let :meth:`abort_on` end ``exchange`` while the block runs."""
+        active = self._active.setdefault(inst.name, set())
+        active.add(exchange)
+        try:
+            yield
+        finally:
+            active.discard(exchange)
+
+    def abort_on(self, inst: InstanceState, reason: str) -> None:
+        """End every exchange in flight on ``inst`` (it went down or was ejected)."""
+        active = list(self._active.get(inst.name, ()))
+        if active:
+            log.warning("%s: ending %d request(s) in flight there", reason, len(active))
+        for exchange in active:
+            exchange.abort(reason)
+
+    def report(self, inst: InstanceState, outcome: Outcome) -> None:
+        """The outcome of an exchange that held no lease (a request passed through as is)."""
+        if outcome in _FAILURES:
+            self.outliers.failure(inst, outcome.value)
+        elif outcome is Outcome.OK:
+            self.outliers.success(inst)
+
+    # --- instance state from elsewhere ----------------------------------------------------------
+
+    def saw_loaded(
+        self, inst: InstanceState, loaded: dict[str, LoadedModel], asked_at: float
+    ) -> None:
+        """The monitor read ``inst``'s /api/ps (asked at ``asked_at``): that is what is loaded,
+        except models whose first answer came after it asked; those loads' reservations end."""
+        for name, model in inst.loaded.items():
+            if name not in loaded and self._started_at.get((inst.name, name), -1.0) > asked_at:
+                loaded[name] = model
+        inst.loaded = loaded
+        dropped = [inst.loading.pop(name) for name in loaded if name in inst.loading]
+        if dropped:
+            self.dispatcher.pump()
+
+    def went_down(self, inst: InstanceState) -> None:
+        """The monitor lost ``inst``: its streams will never end by themselves."""
+        self.abort_on(inst, f"instance {inst.name} stopped answering")
+
+    def unloaded(self, inst: InstanceState, model: str) -> None:
+        """A request unloaded ``model`` on ``inst`` (keep_alive 0)."""
+        inst.loaded.pop(model_key(model), None)
+        self.dispatcher.pump()
+
+    def set_draining(self, inst: InstanceState, draining: bool) -> bool:
+        """Drain or undrain ``inst``; True when that changed anything."""
+        if inst.draining == draining:
+            return False
+        inst.draining = draining
+        self.dispatcher.pump()  # requests waiting in the proxy may start there now
+        return True
+
+    def routable(self) -> list[InstanceState]:
+        return [i for i in self.instances if i.routable]
+
+    def inflight(self) -> int:
+        """Requests holding a slot now, over all instances."""
+        return sum(i.inflight_total() for i in self.instances)

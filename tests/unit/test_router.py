@@ -1,0 +1,195 @@
+"""The router: one exit per lease, load reservations, deadlines and outcomes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from proxy.balancer.policies.vram_queue import VramQueue
+from proxy.balancer.router import Router
+from proxy.balancer.state import InstanceState, LoadedModel, ModelBook, Outcome
+from proxy.config import Config, EjectionConfig, QueueConfig
+
+GIB = 1024**3
+M = "llama3.1:8b"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def router(n: int = 2, *, warm: bool = False, slots: int = 2) -> tuple[Router, Clock]:
+    insts = []
+    for i in range(n):
+        inst = InstanceState(name=f"gpu{i}", url=f"http://127.0.0.1:{11435 + i}", slots=slots)
+        inst.healthy = True
+        inst.memory_free = 40 * GIB
+        if warm:
+            inst.loaded[M] = LoadedModel(name=M, size_vram=6 * GIB, context_length=4096)
+        insts.append(inst)
+    book = ModelBook()
+    book.set_file_size(M, 5 * GIB)
+    config = Config(
+        queue=QueueConfig(max_per_model=8, max_total=16, timeout=5.0),
+        ejection=EjectionConfig(consecutive=2),
+    )
+    clock = Clock()
+    return Router(insts, VramQueue(), book, config, clock=clock), clock
+
+
+def held(r: Router) -> int:
+    return sum(i.inflight_total() for i in r.instances)
+
+
+async def test_every_exit_releases_once() -> None:
+    r, _ = router(warm=True)
+    async with r.lease(M) as lease:
+        lease.outcome = Outcome.OK
+    assert held(r) == 0 and lease.released
+    with pytest.raises(RuntimeError):
+        async with r.lease(M) as lease:
+            raise RuntimeError("a bug in the HTTP layer")
+    assert held(r) == 0 and lease.outcome is Outcome.CLIENT_GONE
+
+    entered = asyncio.Event()
+
+    async def client() -> None:
+        async with r.lease(M):
+            entered.set()
+            await asyncio.sleep(10)
+
+    task = asyncio.ensure_future(client())
+    await entered.wait()
+    assert held(r) == 1
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert held(r) == 0
+
+
+async def test_cancelled_while_queued_takes_no_slot() -> None:
+    r, _ = router(n=1, warm=True, slots=1)
+    async with r.lease(M):
+        waiter = asyncio.ensure_future(r.lease(M).__aenter__())
+        await asyncio.sleep(0)
+        assert r.dispatcher.depth(M) == 1
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        assert r.dispatcher.depth(M) == 0
+    assert held(r) == 0
+
+
+async def test_a_failed_load_keeps_its_reservation_while_others_wait_for_it() -> None:
+    r, _ = router(n=1, slots=4)
+    inst = r.instances[0]
+    first = r.lease(M)
+    lease_a = await first.__aenter__()
+    second = r.lease(M)
+    lease_b = await second.__aenter__()
+    assert lease_a.cold and lease_b.cold and M in inst.loading
+    lease_a.outcome = Outcome.CONNECT
+    await first.__aexit__(None, None, None)
+    assert M in inst.loading  # b still waits for that load
+    await second.__aexit__(None, None, None)
+    assert inst.loading == {} and held(r) == 0
+
+
+async def test_first_answer_marks_loaded_and_learns_the_load() -> None:
+    r, clock = router(n=1)
+    inst = r.instances[0]
+    async with r.lease(M) as lease:
+        clock.now += 7.0
+        r.started(lease)
+        assert M in inst.loaded and M not in inst.loading
+        lease.outcome = Outcome.OK
+    assert r.book.stats(M).load_s == pytest.approx(7.0)
+    assert list(inst.recent_ttft) == [pytest.approx(7.0)]
+
+
+async def test_an_error_answer_marks_nothing_loaded() -> None:
+    r, _ = router(n=1)
+    async with r.lease(M) as lease:
+        lease.outcome = Outcome.OK  # a 4xx: the instance answered, the model never ran
+    assert r.instances[0].loaded == {} and r.instances[0].loading == {}
+
+
+async def test_the_monitor_seeing_the_model_ends_the_reservation() -> None:
+    r, _ = router(n=1)
+    inst = r.instances[0]
+    async with r.lease(M) as lease:
+        assert M in inst.loading
+        r.saw_loaded(inst, {M: LoadedModel(name=M, size_vram=6 * GIB, context_length=4096)}, 0)
+        assert inst.loading == {} and M in inst.loaded
+        lease.outcome = Outcome.OK
+
+
+async def test_a_poll_older_than_a_start_does_not_unload_the_model() -> None:
+    r, clock = router(n=1)
+    inst = r.instances[0]
+    asked_at = clock.now  # the monitor asks /api/ps, then the model starts before it answers
+    async with r.lease(M) as lease:
+        clock.now += 1
+        r.started(lease)
+        lease.outcome = Outcome.OK
+    r.saw_loaded(inst, {}, asked_at)
+    assert M in inst.loaded
+    r.saw_loaded(inst, {}, clock.now + 1)  # a newer poll says it is gone: it is
+    assert M not in inst.loaded
+
+
+async def test_deadlines_grow_with_a_cold_load_a_long_prompt_and_silence() -> None:
+    r, clock = router(n=1)
+    t = Config().timeouts
+    async with r.lease(M) as cold:
+        limits = r.deadlines(cold, prompt_bytes=100)
+        assert limits.first >= t.first_token + t.load and limits.idle == t.idle
+        clock.now += 2
+        r.started(cold)
+        cold.outcome = Outcome.OK
+    async with r.lease(M) as lease:
+        assert r.deadlines(lease, prompt_bytes=100).first == t.first_token
+        clock.now += 1.0
+        r.started(lease)
+        lease.final = {"prompt_eval_count": 1000}
+        lease.outcome = Outcome.OK
+    assert r.book.stats(M).prompt_tps == pytest.approx(1000.0)
+    async with r.lease(M) as lease:
+        # 400,000 bytes ~ 100,000 tokens at 1,000 tokens/s, three times over
+        assert r.deadlines(lease, prompt_bytes=400_000).first == pytest.approx(300.0)
+        silent = r.deadlines(lease, prompt_bytes=100, silent=True).first
+        assert silent >= t.first_token + t.load
+        lease.outcome = Outcome.OK
+
+
+async def test_failures_eject_and_abort_what_is_in_flight_there() -> None:
+    r, _ = router(n=2, warm=True)
+    aborted: list[str] = []
+
+    class Exchange:
+        def abort(self, reason: str) -> None:
+            aborted.append(reason)
+
+    async with r.lease(M) as lease:
+        victim = lease.instance
+        with r.watching(victim, Exchange()):
+            for _ in range(2):
+                r.report(victim, Outcome.TIMEOUT)
+            assert victim.ejected and not victim.routable
+            assert aborted and victim.name in aborted[0]
+        lease.outcome = Outcome.CLIENT_GONE
+    async with r.lease(M) as lease:
+        assert lease.instance is not victim
+        lease.outcome = Outcome.OK
+    assert held(r) == 0
+
+
+async def test_a_client_that_leaves_does_not_count_against_the_instance() -> None:
+    r, _ = router(n=1, warm=True)
+    for _ in range(5):
+        async with r.lease(M):
+            pass  # no outcome said: the client went away
+    assert r.instances[0].strikes == 0 and not r.instances[0].ejected
