@@ -133,6 +133,8 @@ class Exchange:
         self._aborted: asyncio.Future[str] | None = None
         self._response: aiohttp.ClientResponse | None = None
         self.abort_reason = ""
+        self.delivering = False
+        """The answer is being relayed to the client (see :func:`copy`)."""
 
     async def open(
         self,
@@ -259,6 +261,7 @@ async def copy(
     broken: UpstreamError | None = None
     try:
         await out.prepare(request)
+        exchange.delivering = True
         try:
             async for chunk in exchange.chunks(resp):
                 watcher.feed(chunk)

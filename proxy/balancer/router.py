@@ -38,6 +38,9 @@ _FAILURES = frozenset({Outcome.CONNECT, Outcome.TIMEOUT, Outcome.STATUS, Outcome
 class Abortable(Protocol):
     """An exchange in flight that the router can end when its instance goes away."""
 
+    delivering: bool
+    """Bytes of the answer are reaching the client (a stream under way)."""
+
     def abort(self, reason: str) -> None: ...
 
 
@@ -71,7 +74,7 @@ class Router:
             config.ejection,
             clock=clock,
             on_change=self.dispatcher.pump,
-            on_eject=lambda inst: self.abort_on(inst, f"instance {inst.name} was ejected"),
+            on_eject=self._ejected,
         )
         self._timeouts = config.timeouts
         self._clock = clock
@@ -165,9 +168,11 @@ class Router:
         finally:
             active.discard(exchange)
 
-    def abort_on(self, inst: InstanceState, reason: str) -> None:
-        """End every exchange in flight on ``inst`` (it went down or was ejected)."""
-        active = list(self._active.get(inst.name, ()))
+    def abort_on(self, inst: InstanceState, reason: str, *, spare_streams: bool = False) -> None:
+        """End the exchanges in flight on ``inst``; ``spare_streams``: not those delivering."""
+        active = [
+            e for e in self._active.get(inst.name, ()) if not (spare_streams and e.delivering)
+        ]
         if active:
             log.warning("%s: ending %d request(s) in flight there", reason, len(active))
         for exchange in active:
@@ -194,6 +199,11 @@ class Router:
         dropped = [inst.loading.pop(name) for name in loaded if name in inst.loading]
         if dropped:
             self.dispatcher.pump()
+
+    def _ejected(self, inst: InstanceState) -> None:
+        """Requests still waiting there for a first answer go elsewhere now; streams under way
+        keep going (the idle deadline still guards them)."""
+        self.abort_on(inst, f"instance {inst.name} was ejected", spare_streams=True)
 
     def went_down(self, inst: InstanceState) -> None:
         """The monitor lost ``inst``: its streams will never end by themselves."""

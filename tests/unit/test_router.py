@@ -170,16 +170,24 @@ async def test_failures_eject_and_abort_what_is_in_flight_there() -> None:
     aborted: list[str] = []
 
     class Exchange:
+        def __init__(self, name: str, delivering: bool) -> None:
+            self.name, self.delivering = name, delivering
+
         def abort(self, reason: str) -> None:
-            aborted.append(reason)
+            aborted.append(self.name)
 
     async with r.lease(M) as lease:
         victim = lease.instance
-        with r.watching(victim, Exchange()):
+        with (
+            r.watching(victim, Exchange("waiting", False)),
+            r.watching(victim, Exchange("streaming", True)),
+        ):
             for _ in range(2):
                 r.report(victim, Outcome.TIMEOUT)
             assert victim.ejected and not victim.routable
-            assert aborted and victim.name in aborted[0]
+            assert aborted == ["waiting"]  # a stream under way keeps going
+            r.went_down(victim)
+            assert sorted(aborted) == ["streaming", "waiting", "waiting"]
         lease.outcome = Outcome.CLIENT_GONE
     async with r.lease(M) as lease:
         assert lease.instance is not victim
