@@ -6,7 +6,7 @@ may start several, e.g. two sharing a model directory); ``emulator`` is one with
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from proxy.emulator.engine import Engine
 from proxy.emulator.events import ServerSettings
 from proxy.emulator.server import build_emulator_app
 from proxy.emulator.store import ModelStore
+from tests.processes import Spawn, spawner
 
 SPEED = 200.0
 """Virtual seconds per real second: a 1.6 s model load takes 8 ms."""
@@ -79,3 +80,9 @@ async def make_emulator(aiohttp_server: AiohttpServer) -> MakeEmulator:
 @pytest.fixture
 async def emulator(make_emulator: MakeEmulator) -> Emulator:
     return await make_emulator()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Spawn]:
+    """Start `ollamux ARGS` in the background with its output in a file; killed at the end."""
+    yield from spawner(tmp_path)

@@ -1,11 +1,49 @@
-"""Helpers for tests that start real processes and servers: free ports, live pids."""
+"""Helpers for tests that start real processes and servers: free ports, live pids, `ollamux`."""
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+Spawn = Callable[..., tuple["subprocess.Popen[str]", Path]]
+"""``spawn(*args)``: `ollamux ARGS` started in the background; returns it and its log file."""
+
+
+def ollamux_env() -> dict[str, str]:
+    """The environment `python -m proxy` runs in from this checkout."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+
+
+def spawner(logs: Path) -> Iterator[Spawn]:
+    """A ``spawn`` whose processes write to files in ``logs`` and are killed when it closes."""
+    started: list[subprocess.Popen[str]] = []
+
+    def spawn(*args: str) -> tuple[subprocess.Popen[str], Path]:
+        log = logs / f"ollamux-{len(started)}.log"
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "proxy", *args],
+                cwd=REPO,
+                env=ollamux_env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                text=True,
+            )
+        started.append(proc)
+        return proc, log
+
+    yield spawn
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
 
 
 def free_ports(n: int) -> list[int]:

@@ -72,10 +72,15 @@ async def _pass(
             router.report(inst, Outcome.OK)
         return out
     assert last is not None
-    access.error = f"{last.instance} {last.message}"
-    if isinstance(last, UpstreamStatus):
-        access.status = last.status
-        return web.Response(status=last.status, body=last.body, headers=last.headers)
+    return given_up(request, access, last)
+
+
+def given_up(request: web.Request, access: Access, failure: UpstreamError) -> web.Response:
+    """The answer when every try failed: the last instance's own 5xx, else a 502 naming it."""
+    access.error = f"{failure.instance} {failure.message}"
+    if isinstance(failure, UpstreamStatus):
+        access.status = failure.status
+        return web.Response(status=failure.status, body=failure.body, headers=failure.headers)
     access.status = 502
     return error_response(request.path, 502, f"no instance could answer: {access.error}")
 

@@ -25,10 +25,10 @@ from proxy.api.access import CLIENT_GONE, Access, accounted, begin, count_failur
 from proxy.api.body import ModelRequest, off_loop, parse_model_request, request_body
 from proxy.api.context import PROXY, Proxy
 from proxy.api.http import error_body
-from proxy.api.passthrough import passthrough, unload_everywhere
+from proxy.api.passthrough import given_up, passthrough, unload_everywhere
 from proxy.balancer.queue import Lease
 from proxy.balancer.state import Outcome
-from proxy.errors import UpstreamBroken, UpstreamError, UpstreamStatus
+from proxy.errors import UpstreamBroken, UpstreamError
 from proxy.forward import BROKEN, Exchange, StreamWatcher, copy
 
 STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
@@ -91,16 +91,7 @@ async def _routed(
                 finally:
                     exchange.close()
     assert failure is not None
-    access.error = f"{failure.instance} {failure.message}"
-    if isinstance(failure, UpstreamStatus):
-        access.status = failure.status
-        return web.Response(status=failure.status, body=failure.body, headers=failure.headers)
-    access.status = 502
-    return web.Response(
-        status=502,
-        body=error_body(request.path, 502, f"no instance could answer: {access.error}"),
-        content_type="application/json",
-    )
+    return given_up(request, access, failure)
 
 
 async def _streamed(

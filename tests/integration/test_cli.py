@@ -12,16 +12,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
 from proxy import __version__
-from tests.processes import alive, free_ports
+from tests.processes import REPO, alive, free_ports, ollamux_env
 
-REPO = Path(__file__).resolve().parents[2]
 CONFIG_FILES = sorted((REPO / "config").glob("*.yaml"))
 LINUX = sys.platform.startswith("linux")
 
@@ -31,15 +29,11 @@ needs_server = pytest.mark.skipif(
 )
 
 
-def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-
-
 def ollamux(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "proxy", *args],
         cwd=REPO,
-        env=env(),
+        env=ollamux_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -89,33 +83,6 @@ def wait_gone(pids: set[int], timeout: float = 15) -> set[int]:
             return left
         time.sleep(0.1)
     return {pid for pid in pids if alive(pid)}
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[object]:
-    """Start `ollamux ARGS` in the background with its output in a file; killed at the end."""
-    started: list[subprocess.Popen[str]] = []
-
-    def spawn(*args: str) -> tuple[subprocess.Popen[str], Path]:
-        log = tmp_path / f"ollamux-{len(started)}.log"
-        with log.open("w") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "proxy", *args],
-                cwd=REPO,
-                env=env(),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                text=True,
-            )
-        started.append(proc)
-        return proc, log
-
-    yield spawn
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
 
 
 # --- version, config check -----------------------------------------------------------------------
@@ -215,7 +182,7 @@ def test_usage_errors_exit_2() -> None:
 def without_gpus_or_ollama(tmp_path: Path) -> dict[str, str]:
     """No NVIDIA driver (the fake pynvml without $FAKE_NVML) and no `ollama` on PATH."""
     fakes = REPO / "tests" / "fakes"
-    environ = {**env(), "PYTHONPATH": f"{fakes}{os.pathsep}{REPO}", "PATH": str(tmp_path)}
+    environ = {**ollamux_env(), "PYTHONPATH": f"{fakes}{os.pathsep}{REPO}", "PATH": str(tmp_path)}
     environ.pop("FAKE_NVML", None)
     return environ
 

@@ -8,12 +8,11 @@ import asyncio
 import contextlib
 import http.client
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,7 @@ from proxy.api.stopping import GATE
 from proxy.app import build_app, serve_proxy
 from proxy.config import ModelSpec, config_from_dict
 from tests.conftest import MakeEmulator
-from tests.processes import alive, free_ports
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.processes import Spawn, alive, free_ports
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -36,35 +33,6 @@ SLOW = (
     "load_gbps: 50, kv_kib_per_token: 16}"
 )
 """A model that answers at 40 tokens/s in real time, so streams are still running at SIGTERM."""
-
-Spawn = Callable[..., tuple[subprocess.Popen[str], Path]]
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Spawn]:
-    """Start `ollamux ARGS` in the background with its output in a file; killed at the end."""
-    started: list[subprocess.Popen[str]] = []
-
-    def spawn(*args: str) -> tuple[subprocess.Popen[str], Path]:
-        log = tmp_path / f"ollamux-{len(started)}.log"
-        with log.open("w") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "proxy", *args],
-                cwd=REPO,
-                env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                text=True,
-            )
-        started.append(proc)
-        return proc, log
-
-    yield spawn
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
 
 
 @pytest.fixture
