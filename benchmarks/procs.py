@@ -44,17 +44,19 @@ class Child:
         log: Path,
         env: Mapping[str, str] | None = None,
         cpus: set[int] | None = None,
+        cwd: Path = ROOT,
     ) -> None:
+        """``cwd``: the source tree whose ``proxy`` package ``python -m proxy`` runs."""
         self.name = name
         self.log = log
         full_env = {**os.environ, **(env or {})}
         full_env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(ROOT), full_env.get("PYTHONPATH", "")) if p
+            p for p in (str(cwd), full_env.get("PYTHONPATH", "")) if p
         )
         with log.open("ab") as out:
             self.proc = subprocess.Popen(
                 list(argv),
-                cwd=ROOT,
+                cwd=cwd,
                 env=full_env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,

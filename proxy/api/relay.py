@@ -31,7 +31,6 @@ from proxy.balancer.state import Outcome
 from proxy.errors import UpstreamBroken, UpstreamError
 from proxy.forward import BROKEN, Exchange, StreamWatcher, copy
 
-STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 _GENERATES = ("/v1/responses", "/v1/messages", "/api/chat", "/api/generate", "/v1/completions")
 
 

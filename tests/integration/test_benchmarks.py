@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
-from benchmarks import report
+from benchmarks import chaos, report
+from benchmarks.chaos_faults import kill
+from benchmarks.chaos_plan import QUICK, Ctx
 from benchmarks.contenders import LOWER_BOUND, Box, nginx_binary
 from benchmarks.routing import run_scenario
 from benchmarks.workload import Size, head, open_webui_scenario
+from tests.processes import alive
 
 # One Open WebUI session: a streamed chat, its three task calls, the next turn and its follow-up.
 TINY = head(open_webui_scenario(Size(quick=True)), 6, speed=50.0)
@@ -67,3 +71,17 @@ def test_plots_are_written(tmp_path: Path) -> None:
     paths = report.plots(doc, tmp_path)
     assert [p.name for p in paths] == ["tiny_ttft_cdf.png", "tiny_bars.png", "tiny_backlog.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+async def test_chaos_kill_runs_and_leaves_no_process(tmp_path: Path) -> None:
+    """The chaos benchmark's smallest scenario: 4 users, one instance SIGKILLed after 1.5 s."""
+    sizes = dataclasses.replace(QUICK, clients=4, warm=1.5, after=1.5, grace=2.0)
+    row = await kill(Ctx(workdir=tmp_path, sizes=sizes, quiet=True))
+    json.dumps(row)
+    kinds = ("ok", "refused", "lost", "cut", "silent", "cancelled")
+    assert row["requests"] == sum(row[k] for k in kinds) > 0
+    assert row["ok"] > 0
+    assert row["target"] in {f"gpu{i}" for i in range(4)}
+    assert row["inflight_left"] is not None
+    assert row["pids"] and not any(alive(pid) for pid in row["pids"])
+    assert "| kill |" in chaos.table({"rows": [row]})
