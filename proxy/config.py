@@ -1,8 +1,8 @@
 """Configuration: frozen dataclasses, YAML loading and validation with errors that name the field.
 
 Every section is a frozen, keyword-only dataclass. ``load_config(path)`` reads YAML, builds the tree
-with :func:`proxy.config_build.build` (which checks unknown keys and types against the annotations) and then runs the
-cross-field checks (duplicate ports, GPUs, names). Errors are :class:`~proxy.errors.ConfigError`
+with :func:`proxy.config_build.build` (which checks unknown keys and types against the
+annotations) and then runs the cross-field checks (duplicate ports, GPUs, names). Errors are :class:`~proxy.errors.ConfigError`
 naming the file, the field path (``instances[2].port``) and a fix.
 """
 
