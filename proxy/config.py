@@ -2,8 +2,9 @@
 
 Every section is a frozen, keyword-only dataclass. ``load_config(path)`` reads YAML, builds the tree
 with :func:`proxy.config_build.build` (which checks unknown keys and types against the
-annotations) and then runs the cross-field checks (duplicate ports, GPUs, names). Errors are :class:`~proxy.errors.ConfigError`
-naming the file, the field path (``instances[2].port``) and a fix.
+annotations) and then runs the cross-field checks (duplicate ports, GPUs, names). Errors are
+:class:`~proxy.errors.ConfigError` naming the file, the field path (``instances[2].port``) and a
+fix.
 """
 
 from __future__ import annotations
