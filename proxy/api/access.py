@@ -15,7 +15,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ from aiohttp import web
 
 from proxy.api.context import Proxy
 from proxy.api.http import rejection_reason
+from proxy.api.stopping import GATE
 from proxy.balancer.state import InstanceState
 from proxy.errors import RoutingError, UpstreamError
 from proxy.metrics import NO_INSTANCE, endpoint_label
@@ -61,6 +62,8 @@ class Access:
     status: int = 0
     duration: float = 0.0
     error: str = ""
+    cut: Callable[[], bool] = lambda: False
+    """True once a stop is cutting the requests still in flight (see ``api/stopping.py``)."""
 
     def line(self) -> str:
         fields: list[tuple[str, object]] = [
@@ -100,6 +103,7 @@ class Access:
 
 def begin(proxy: Proxy, request: web.Request, model: str, *, reason: str = "-") -> Access:
     header = request.headers.get("X-Request-Id", "")
+    gate = request.app.get(GATE)
     return Access(
         request_id=header if _REQUEST_ID.fullmatch(header) else uuid.uuid4().hex[:12],
         method=request.method,
@@ -110,6 +114,7 @@ def begin(proxy: Proxy, request: web.Request, model: str, *, reason: str = "-") 
         started=time.monotonic(),
         at=time.time(),
         reason=reason,
+        cut=(lambda: gate.cutting) if gate is not None else (lambda: False),
     )
 
 
@@ -123,7 +128,7 @@ def accounted(proxy: Proxy, access: Access) -> Iterator[Access]:
         access.reason, access.error = rejection_reason(exc), exc.message
         raise
     except asyncio.CancelledError:  # the client went away (aiohttp cancels its handler)
-        access.status, access.error = CLIENT_GONE, "the client went away"
+        went_away(access)
         if access.reason == "-":
             access.reason = "cancelled"  # while it waited in the queue
         raise
@@ -147,6 +152,12 @@ def count_failure(
     """An exchange with ``inst`` failed: count it and say so in the log."""
     proxy.metrics.upstream_errors.labels(inst.name, kind or exc.kind).inc()
     log.warning("instance %s failed: %s", inst.name, exc.message)
+
+
+def went_away(access: Access) -> None:
+    """Record that the answer did not reach its end: the client left, or a stop cut it."""
+    access.status = CLIENT_GONE
+    access.error = "cut: the proxy stopped" if access.cut() else "the client went away"
 
 
 def body_model(body: bytes) -> str:

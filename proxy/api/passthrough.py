@@ -12,7 +12,7 @@ import asyncio
 
 from aiohttp import web
 
-from proxy.api.access import CLIENT_GONE, Access, accounted, begin, body_model, count_failure
+from proxy.api.access import Access, accounted, begin, body_model, count_failure, went_away
 from proxy.api.body import request_body
 from proxy.api.context import PROXY, Proxy
 from proxy.api.http import error_response
@@ -63,7 +63,7 @@ async def _pass(
                 exchange.close()
         access.status = out.status
         if watcher.client_gone:
-            access.status, access.error = CLIENT_GONE, "the client went away"
+            went_away(access)
         elif broken is not None:
             router.report(inst, Outcome.MIDSTREAM)
             count_failure(proxy, inst, broken, kind="midstream")

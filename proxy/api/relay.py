@@ -21,7 +21,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy import assemble
-from proxy.api.access import CLIENT_GONE, Access, accounted, begin, count_failure
+from proxy.api.access import Access, accounted, begin, count_failure, went_away
 from proxy.api.body import ModelRequest, off_loop, parse_model_request, request_body
 from proxy.api.context import PROXY, Proxy
 from proxy.api.http import error_body
@@ -111,7 +111,7 @@ async def _streamed(
     access.status = out.status
     if watcher.client_gone:
         lease.outcome = Outcome.CLIENT_GONE
-        access.status, access.error = CLIENT_GONE, "the client went away"
+        went_away(access)
     elif broken is not None or watcher.error is not None:
         lease.outcome = Outcome.MIDSTREAM
         if broken is not None:

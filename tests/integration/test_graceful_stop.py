@@ -246,6 +246,7 @@ async def test_timeouts_drain_bounds_the_wait_and_cuts_what_is_left(
     output = log.read_text()
     assert "waiting for 3 request(s) in flight (up to timeouts.drain = 2 s" in output
     assert "drain deadline (2 s) passed: cutting 2 request(s) still in flight" in output
+    assert output.count('error="cut: the proxy stopped"') == 2, output
     assert "Traceback" not in output
 
 
