@@ -80,7 +80,8 @@ class Outliers:
         self._decay(inst)
 
     def failure(self, inst: InstanceState, kind: str) -> None:
-        """A request there failed (``kind`` in ``KINDS``); the Nth in a row ejects it."""
+        """A request there failed (``kind`` in ``KINDS``); the Nth in a row ejects it, or the
+        first one while it is on probation (back from an ejection not yet forgiven)."""
         if kind not in KINDS:
             raise ValueError(f"unknown failure kind {kind!r}; expected one of {sorted(KINDS)}")
         if not inst.healthy or inst.ejected:
@@ -89,10 +90,12 @@ class Outliers:
             self.on_refused(inst)
         inst.strikes += 1
         self._clean_since[inst.name] = self._clock()
-        if inst.strikes < self.config.consecutive:
+        # back from an ejection it has not lived down yet: on probation, one failure sends it back
+        needed = 1 if inst.ejections else self.config.consecutive
+        if inst.strikes < needed:
             return
         if not self._may_eject():
-            if inst.strikes == self.config.consecutive:
+            if inst.strikes == needed:
                 log.warning(
                     "instance %s (%s) failed %d requests in a row but stays in rotation: half of "
                     "the instances that are up are ejected already",
@@ -101,13 +104,14 @@ class Outliers:
                     inst.strikes,
                 )
             return  # it is ejected on its next failure once another one is back
+        strikes = inst.strikes
         seconds = self._eject(inst)
         log.warning(
-            "instance %s (%s) is ejected for %gs: %d failed requests in a row, the last: %s",
+            "instance %s (%s) is ejected for %gs: %d failed request(s) in a row, the last: %s",
             inst.name,
             inst.url,
             seconds,
-            self.config.consecutive,
+            strikes,
             kind,
         )
         if self._counter is not None:
