@@ -360,7 +360,8 @@ class Engine:
         self._grant(runner, p.keep_alive)
         # a fresh, never-idle runner reports now + keep-alive (ollama.md §3.6)
         runner.expires_at = self.clock.now() + runner.keep_alive
-        p.future.set_result(runner)
+        if not p.future.done():  # its waiter may be gone: the model stays loaded, as in Ollama
+            p.future.set_result(runner)
 
     # --- placement -------------------------------------------------------------------------------
 
