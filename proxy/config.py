@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import yaml
 
@@ -198,6 +198,10 @@ class QueueConfig:
 @dataclass(frozen=True, kw_only=True)
 class TimeoutConfig:
     """Deadlines towards the instances, one per phase of a request: a hang is told from a load."""
+
+    RETIRED: ClassVar[dict[str, str]] = {
+        "first_byte": "use load (a cold model's load), first_token and idle (between chunks)",
+    }
 
     connect: Duration = 5.0
     health_interval: Duration = 2.0

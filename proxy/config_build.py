@@ -20,7 +20,10 @@ __all__ = ["build", "strip_path"]
 
 
 def build(cls: type[Any], raw: object, path: str) -> Any:
-    """Build dataclass ``cls`` from a YAML mapping, checking keys and types against annotations."""
+    """Build dataclass ``cls`` from a YAML mapping, checking keys and types against annotations.
+
+    A key in the class's ``RETIRED`` mapping (old name -> what replaced it) gets that as its fix.
+    """
     if not isinstance(raw, dict):
         raise ConfigError(f"must be a mapping, got {_kind(raw)}", path=path or "(top level)")
     hints = typing.get_type_hints(cls, include_extras=True)
@@ -28,6 +31,9 @@ def build(cls: type[Any], raw: object, path: str) -> Any:
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         key_path = f"{path}.{key}" if path else str(key)
+        retired = getattr(cls, "RETIRED", {}).get(key)
+        if retired:
+            raise ConfigError(f"is no longer a setting: {retired}", path=key_path)
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(fields)}"

@@ -288,3 +288,10 @@ def test_an_instance_listing_a_gpu_twice_says_so() -> None:
 def test_instance_config_validates_on_its_own() -> None:
     with pytest.raises(ConfigError, match="port: must be a TCP port"):
         InstanceConfig(name="a", port=70000)
+
+
+def test_a_retired_key_names_what_replaced_it() -> None:
+    with pytest.raises(
+        ConfigError, match=r"timeouts\.first_byte: is no longer a setting: use load"
+    ):
+        config_from_dict({"timeouts": {"first_byte": "5m"}}, source="x.yaml")
