@@ -27,13 +27,12 @@ from proxy.errors import (
     BodyIncomplete,
     NoHealthyInstance,
     RequestRefused,
-    UpstreamConnectError,
     UpstreamError,
-    UpstreamTimeout,
+    UpstreamStatus,
 )
 
 _FORWARDED = ("Content-Type", "User-Agent", "Authorization")
-"""Client headers an upload keeps; the proxy sets Host, length and transfer coding itself."""
+"""Client headers an upload keeps; the proxy sets Host and the transfer coding itself."""
 
 
 class _Body:
@@ -95,35 +94,26 @@ async def upload(request: web.Request) -> web.StreamResponse:
 async def _send(
     proxy: Proxy, inst: InstanceState, request: web.Request, body: _Body
 ) -> tuple[int, bytes, str]:
-    """POST the body to ``inst``; aiohttp's errors become UpstreamErrors, or the client's own
-    RequestRefused when it was reading the client's body that failed."""
+    """POST the body to ``inst`` through the forwarding seam; the client's own RequestRefused
+    when it was reading the client's body that failed. Only connecting is bounded: sending many
+    GB takes as long as it takes, and an instance answers as soon as the body is all in."""
     headers = CIMultiDict((k, v) for k in _FORWARDED if (v := request.headers.get(k)) is not None)
-    length = request.content_length
-    if length is not None and "Content-Encoding" not in request.headers:
-        headers["Content-Length"] = str(length)  # else chunked: aiohttp decoded the body
-    # Only connecting is bounded: sending many GB takes as long as it takes, and an instance
-    # answers as soon as the body is all in.
-    timeout = aiohttp.ClientTimeout(
-        total=None,
-        connect=proxy.config.timeouts.connect,
-        sock_connect=proxy.config.timeouts.connect,
-    )
+    exchange = proxy.exchange(inst)
     try:
-        async with proxy.client().post(
-            inst.url + request.path_qs,
-            data=body.chunks(),
-            headers=headers,
-            timeout=timeout,
-            allow_redirects=False,
-        ) as resp:
-            payload = await resp.read()
+        with proxy.router.watching(inst, exchange):
+            resp = await exchange.open(
+                "POST", request.path_qs, headers, body.chunks(), first=None, idle=None
+            )
+            payload = b"".join([chunk async for chunk in exchange.chunks(resp)])
             return resp.status, payload, resp.headers.get("Content-Type", "")
-    except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+    except UpstreamStatus as exc:
+        return exc.status, exc.body, exc.headers.get("Content-Type", "")
+    except UpstreamError:
         if body.broken is not None:
             raise body.broken from None
-        if isinstance(exc, asyncio.TimeoutError):
-            raise UpstreamTimeout(inst.name, "could not connect in time") from exc
-        raise UpstreamConnectError(inst.name, "the connection failed or broke") from exc
+        raise
+    finally:
+        exchange.close()
 
 
 def _content_type(value: str) -> dict[str, str]:
