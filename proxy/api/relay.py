@@ -57,10 +57,15 @@ async def _routed(
     silent = not info.stream and rebuilt is None and request.path.startswith(_GENERATES)
     tried: list[str] = []
     failure: UpstreamError | None = None
+    waited = 0.0  # the queue's wait is one budget for all tries (queue.timeout)
     for attempt in range(proxy.config.routing.attempts):
         if attempt:
             proxy.metrics.retries.inc()
-        async with router.lease(info.model, session=info.session, exclude=tried) as lease:
+        wait = proxy.config.queue.timeout - waited
+        async with router.lease(
+            info.model, session=info.session, exclude=tried, wait=wait
+        ) as lease:
+            waited += lease.queued_s
             inst = lease.instance
             access.instance, access.reason = inst.name, lease.decision.reason
             access.queue_wait = (access.queue_wait or 0.0) + lease.queued_s

@@ -87,8 +87,16 @@ class Dispatcher:
 
     # --- public ---------------------------------------------------------------------------------
 
-    async def acquire(self, model: str, *, session: str = "", exclude: Iterable[str] = ()) -> Lease:
-        """Wait for a slot for ``model``; raises QueueFull, QueueTimeout or NoHealthyInstance."""
+    async def acquire(
+        self,
+        model: str,
+        *,
+        session: str = "",
+        exclude: Iterable[str] = (),
+        timeout: float | None = None,
+    ) -> Lease:
+        """Wait for a slot for ``model`` up to ``timeout`` (default ``queue.timeout``); raises
+        QueueFull, QueueTimeout or NoHealthyInstance."""
         model = model_key(model)
         excluded = frozenset(exclude)
         if not any(i.routable for i in self._candidates(excluded)):
@@ -105,12 +113,14 @@ class Dispatcher:
         self._queues.setdefault(model, deque()).append(waiter)
         self._on_decision("queued")
         self.pump()  # a longer queue can make a replica worth loading now (scale-out)
+        wait = self.limits.timeout if timeout is None else max(timeout, 0.0)
         try:
-            return await asyncio.wait_for(asyncio.shield(waiter.future), self.limits.timeout)
+            return await asyncio.wait_for(asyncio.shield(waiter.future), wait)
         except asyncio.TimeoutError:
             self._abandon(waiter)
             raise QueueTimeout(
-                f"no slot for model {model!r} within {self.limits.timeout:g}s", retry_after=5
+                f"no slot for model {model!r} within queue.timeout ({self.limits.timeout:g}s)",
+                retry_after=5,
             ) from None
         except BaseException:  # the client went away while waiting
             self._abandon(waiter)

@@ -86,13 +86,19 @@ class Router:
 
     @contextlib.asynccontextmanager
     async def lease(
-        self, model: str, *, session: str = "", exclude: Iterable[str] = ()
+        self,
+        model: str,
+        *,
+        session: str = "",
+        exclude: Iterable[str] = (),
+        wait: float | None = None,
     ) -> AsyncIterator[Lease]:
-        """A slot for ``model``, finished once however the block ends.
+        """A slot for ``model``, waited for up to ``wait`` seconds (default ``queue.timeout``),
+        finished once however the block ends.
 
         Raises QueueFull, QueueTimeout or NoHealthyInstance before granting one.
         """
-        lease = await self.dispatcher.acquire(model, session=session, exclude=exclude)
+        lease = await self.dispatcher.acquire(model, session=session, exclude=exclude, timeout=wait)
         try:
             yield lease
         except BaseException:

@@ -74,6 +74,7 @@ async def farm(
     speed: float = 50.0,
     queue: dict[str, Any] | None = None,
     routing: dict[str, Any] | None = None,
+    timeouts: dict[str, Any] | None = None,
     context_length: int = 4096,
     limits: dict[str, Any] | None = None,
 ) -> AsyncIterator[Farm]:
@@ -115,6 +116,7 @@ async def farm(
                 "health_interval": 0.2,
                 "health_timeout": 1.0,
                 "connect": 1.0,
+                **(timeouts or {}),
             },
             "queue": {"timeout": 30, **(queue or {})},
             "limits": limits or {},

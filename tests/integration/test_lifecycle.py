@@ -211,6 +211,44 @@ async def test_a_hung_warm_instance_is_left_for_another_with_shipped_deadlines(
         await wait_for(lambda: nothing_left(box))
 
 
+async def test_a_hung_cold_instance_is_left_after_the_load_deadline(tmp_path: Path) -> None:
+    """About timeouts.load and first_token: both short here, or the test would take minutes."""
+    async with farm(tmp_path, gpus=(24, 24), timeouts={"load": 0.5, "first_token": 0.5}) as box:
+        for engine in box.engines:
+            engine.faults.hang = True
+        waiting = await start(box, {"model": MODEL, "prompt": "x", "stream": False})
+        await wait_for(lambda: bound(box))
+        data = await status(box)
+        cold = next(i["name"] for i in data["instances"] if i["inflight_total"])
+        assert data["instances"][int(cold[-1])]["loading"] == [MODEL]
+        other = next(e for i, e in enumerate(box.engines) if f"gpu{i}" != cold)
+        other.faults.hang = False
+        answer = json.loads(await asyncio.wait_for(waiting, 60))
+        assert answer["done"]
+        labels = {"instance": cold, "kind": "timeout"}
+        assert box.sample("ollamux_upstream_errors_total", labels) == 1
+        assert (await _instance(box, cold))["loading"] == []
+        box.engine(cold).faults.hang = False
+        await assert_recovered(box)
+
+
+async def test_a_stream_that_stalls_is_cut_after_the_idle_deadline(tmp_path: Path) -> None:
+    """About timeouts.idle: short here; the shipped 30 s is the same mechanism."""
+    async with farm(tmp_path, gpus=(24,), timeouts={"idle": 0.5}) as box:
+        await warm(box)
+        body = {"model": MODEL, "prompt": "x", "options": {"num_predict": 10**5}}
+        async with aiohttp.ClientSession() as s, s.post(box.url + "/api/generate", json=body) as r:
+            await r.content.readline()
+            box.engines[0].faults.slow = 1e9  # the next token never comes; the socket stays open
+            rest = await asyncio.wait_for(r.read(), 30)
+        last = json.loads(rest.splitlines()[-1])
+        assert "error" in last and "stopped answering" in last["error"]
+        labels = {"instance": "gpu0", "kind": "midstream"}
+        assert box.sample("ollamux_upstream_errors_total", labels) == 1
+        box.engines[0].faults.slow = 1.0
+        await wait_for(lambda: nothing_left(box))
+
+
 async def test_a_long_non_streamed_answer_is_not_cut(tmp_path: Path) -> None:
     """The whole answer takes longer than the first-token deadline; chunks keep it alive."""
     async with farm(tmp_path, gpus=(24,), num_parallel=1) as box:
