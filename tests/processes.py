@@ -58,6 +58,35 @@ def free_ports(n: int) -> list[int]:
             sock.close()
 
 
+def parent_pids() -> dict[int, int]:
+    """Every process's parent, read from /proc (Linux)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return parents
+
+
+def children_of(pid: int) -> set[int]:
+    """The processes ``pid`` started itself."""
+    return {child for child, parent in parent_pids().items() if parent == pid}
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (children, grandchildren, ...)."""
+    parents = parent_pids()
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
 def alive(pid: int) -> bool:
     """Running, and not a zombie waiting to be reaped."""
     try:

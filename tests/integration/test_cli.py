@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from proxy import __version__
-from tests.processes import REPO, alive, free_ports, ollamux_env
+from tests.processes import REPO, alive, children_of, free_ports, ollamux_env
 
 CONFIG_FILES = sorted((REPO / "config").glob("*.yaml"))
 LINUX = sys.platform.startswith("linux")
@@ -60,19 +60,6 @@ def wait_until_answering(
         assert proc.poll() is None, f"exited with {proc.returncode}:\n{log.read_text()}"
         assert time.monotonic() < deadline, f"{url} never answered:\n{log.read_text()}"
         time.sleep(0.1)
-
-
-def children_of(pid: int) -> set[int]:
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.add(int(entry.name))
-    return found
 
 
 def wait_gone(pids: set[int], timeout: float = 15) -> set[int]:

@@ -24,7 +24,7 @@ from proxy.api.stopping import GATE
 from proxy.app import build_app, serve_proxy
 from proxy.config import ModelSpec, config_from_dict
 from tests.conftest import MakeEmulator
-from tests.processes import Spawn, alive, free_ports
+from tests.processes import Spawn, alive, children_of, free_ports
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -75,19 +75,6 @@ async def logged(log: Path, text: str, proc: subprocess.Popen[str], timeout: flo
 
 async def exit_code(proc: subprocess.Popen[str], timeout: float = 30) -> int:
     return await asyncio.to_thread(proc.wait, timeout)
-
-
-def children_of(pid: int) -> set[int]:
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.add(int(entry.name))
-    return found
 
 
 class Stream:

@@ -29,7 +29,7 @@ from proxy.instances.pinning import pin_with_nvml
 from proxy.instances.process import find_ollama, instance_env
 from proxy.instances.supervisor import RestartPolicy
 from tests.fakes.helpers import REPO, box_env, gpu, load_fake_nvml, records, write_fake_ollama
-from tests.processes import alive, free_ports
+from tests.processes import alive, descendants, free_ports
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="reads /proc; parent-death signal is Linux only"
@@ -45,24 +45,6 @@ FAST = RestartPolicy(
     crash_window=60,
     poll_interval=0.05,
 )
-
-
-def descendants(pid: int) -> set[int]:
-    """Every process below ``pid`` (children, grandchildren, ...)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
 
 
 def wait_until(condition: Any, timeout: float = 20, what: str = "") -> None:
