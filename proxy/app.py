@@ -11,7 +11,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from proxy.api import admin, ollama, openai, relay, stopping
+from proxy.api import admin, auth, edge, ollama, openai, relay, stopping
 from proxy.api import instances as instances_api
 from proxy.api.body import limit_middleware
 from proxy.api.clients import raise_open_files_limit, runner_options
@@ -88,9 +88,12 @@ def build_app(
         model_label=model_label(book),
     )
     app = web.Application(
-        middlewares=[errors_middleware, limit_middleware], client_max_size=config.limits.max_body
+        middlewares=[errors_middleware, limit_middleware, auth.middleware],
+        client_max_size=config.limits.max_body,
     )
+    edge.install(app, config)  # outermost: Host/Origin checks and CORS, as Ollama does them
     app[PROXY] = proxy
+    auth.install(app)  # API keys (auth.keys_file): read now, reloaded while serving
     app.add_routes(ollama.routes() + openai.routes() + admin.routes(registry))
     instances_api.install(app, launcher)  # /proxy/instances: list, drain, undrain, restart
     app.router.add_route("*", "/{tail:.*}", _anything_else)
@@ -163,7 +166,8 @@ async def serve_proxy(
     host, port = parse_listen(listen)
     gate = stopping.Gate()
     app[stopping.GATE] = gate
-    app.middlewares.insert(0, gate.middleware)  # outermost: counts and refuses everything
+    # Just inside the edge (build_app put it first): counts and refuses everything it lets in.
+    app.middlewares.insert(1, gate.middleware)
     raise_open_files_limit()  # every client connection is an open file
     runner = web.AppRunner(
         app,

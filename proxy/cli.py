@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--interval", type=float, default=2.0, metavar="S", help="with --watch")
     status.add_argument("--json", action="store_true", help="print /proxy/status as JSON")
     _add_instance_commands(commands)
+    from proxy.keys_cli import add_parser as add_keys_parser
+
+    add_keys_parser(commands)  # `keys add|list|revoke`
     return parser
 
 
@@ -200,6 +203,10 @@ def _dispatch(args: argparse.Namespace) -> None:
         run_instances(
             args.url, args.action, args.name, token=args.token, wait=args.wait, as_json=args.json
         )
+    elif args.command == "keys":
+        from proxy.keys_cli import run_keys
+
+        run_keys(args)
     elif args.command == "status":
         from proxy.status import run_status
 

@@ -19,6 +19,7 @@ import yaml
 
 from proxy.config_build import build, strip_path
 from proxy.errors import ConfigError
+from proxy.frontdoor import origin_problem
 from proxy.units import DurationError, parse_duration
 
 Duration = Annotated[float, "duration"]
@@ -262,6 +263,38 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CorsConfig:
+    """Browser origins allowed besides Ollama's defaults and ``OLLAMA_ORIGINS``."""
+
+    origins: tuple[str, ...] = ()
+    """Like OLLAMA_ORIGINS entries: ``https://webui.example.com``, ``http://10.0.0.*``, ``*``."""
+
+    def __post_init__(self) -> None:
+        for i, origin in enumerate(self.origins):
+            problem = origin_problem(origin)
+            _check(problem is None, f"origins[{i}]", problem or "")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuthConfig:
+    """API keys: the file that holds their hashes, and whether status endpoints need one too."""
+
+    keys_file: str = ""
+    """The key file of ``ollamux keys``; "" = no keys. Once it holds a key, every API request
+    needs ``Authorization: Bearer KEY``. Relative to the config file's directory."""
+    protect_status: bool = False
+    """Whether ``GET /proxy/status``, ``/proxy/instances`` and ``/metrics`` need a key as well."""
+
+    def __post_init__(self) -> None:
+        path = self.keys_file
+        _check(
+            path == path.strip() and "\n" not in path,
+            "keys_file",
+            "must be a file path without spaces around it, e.g. /etc/ollamux/keys.yaml",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     """The whole ollamux configuration."""
 
@@ -278,6 +311,8 @@ class Config:
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
     ejection: EjectionConfig = field(default_factory=EjectionConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    cors: CorsConfig = field(default_factory=CorsConfig)
     emulator: EmulatorConfig = field(default_factory=EmulatorConfig)
     source: str = ""
     """The file this config came from (set by the loader, not read from YAML)."""
@@ -320,7 +355,18 @@ def load_config(path: str | Path) -> Config:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(_yaml_problem(exc), source=source, path=_yaml_line(exc)) from None
-    return config_from_dict({} if raw is None else raw, source=source)
+    config = config_from_dict({} if raw is None else raw, source=source)
+    return _keys_file_beside(config, Path(path))
+
+
+def _keys_file_beside(config: Config, path: Path) -> Config:
+    """``auth.keys_file`` made absolute: ``~`` expanded, relative to the config file's directory."""
+    keys_file = config.auth.keys_file
+    if not keys_file:
+        return config
+    resolved = path.parent / Path(keys_file).expanduser()
+    auth = dataclasses.replace(config.auth, keys_file=str(resolved.absolute()))
+    return dataclasses.replace(config, auth=auth)
 
 
 def _yaml_line(exc: yaml.YAMLError) -> str:

@@ -4,6 +4,7 @@ OllamuxError
 ├── ConfigError            bad config file: names the file, the field path and a fix (CLI exit 2)
 ├── LaunchError            an instance could not be started or did not become ready
 ├── GpuUnavailable         no NVIDIA GPU can be read: no NVML library, no driver, or no GPU (exit 1)
+├── ApiKeyError            `ollamux keys`: no key of that name, or one exists already (exit 1)
 ├── RoutingError           the proxy cannot place a request now (HTTP 503 + Retry-After)
 │   ├── QueueFull          the model's (or the total) wait queue is at its limit
 │   ├── QueueTimeout       the request waited longer than queue.timeout for a slot
@@ -52,6 +53,10 @@ class LaunchError(OllamuxError):
 
 class GpuUnavailable(OllamuxError):
     """NVML cannot report any GPU; the message is one sentence saying why and what to do."""
+
+
+class ApiKeyError(OllamuxError):
+    """``ollamux keys add|revoke``: the name is taken, or no key has it."""
 
 
 class RoutingError(OllamuxError):

@@ -71,6 +71,18 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.key_requests = Counter(
+            "ollamux_key_requests",
+            "Requests by API key name (anonymous: no key needed, or no keys configured).",
+            ["key"],
+            registry=registry,
+        )
+        self.auth_refused = Counter(
+            "ollamux_auth_refused",
+            "Requests refused by the API key checks, by reason.",
+            ["reason"],
+            registry=registry,
+        )
         self.retries = Counter(
             "ollamux_retries",
             "Requests retried on another instance before the first byte.",

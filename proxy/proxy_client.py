@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 from typing import Any
@@ -22,6 +23,7 @@ def call(base: str, method: str, path: str, *, token: str = "", timeout: float =
     """``method`` ``base+path`` and its JSON answer; OllamuxError (exit 1) when that fails."""
     data = b"" if method == "POST" else None
     request = urllib.request.Request(base + path, method=method, data=data)
+    token = token or os.environ.get("OLLAMUX_API_KEY", "")  # a proxy with auth.protect_status
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:

@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy.api.auth import KEY_NAME
 from proxy.api.context import Proxy
 from proxy.api.http import rejection_reason
 from proxy.api.stopping import GATE
@@ -62,6 +63,8 @@ class Access:
     status: int = 0
     duration: float = 0.0
     error: str = ""
+    key: str = "-"
+    """The name of the API key it came with ("-": none needed); logged when there is one."""
     cut: Callable[[], bool] = lambda: False
     """True once a stop is cutting the requests still in flight (see ``api/stopping.py``)."""
 
@@ -80,6 +83,8 @@ class Access:
             ("status", self.status),
             ("duration", _seconds(self.duration)),
         ]
+        if self.key != "-":
+            fields.append(("key", self.key))
         if self.error:
             fields.append(("error", self.error))
         return " ".join(f"{key}={quote(value)}" for key, value in fields)
@@ -114,6 +119,7 @@ def begin(proxy: Proxy, request: web.Request, model: str, *, reason: str = "-") 
         started=time.monotonic(),
         at=time.time(),
         reason=reason,
+        key=request.get(KEY_NAME, "-"),
         cut=(lambda: gate.cutting) if gate is not None else (lambda: False),
     )
 

@@ -33,6 +33,7 @@ from proxy.units import format_bytes
 
 __all__ = [
     "OFF_LOOP",
+    "READ_BODY",
     "SESSION_HEADER",
     "ModelRequest",
     "limit_middleware",
@@ -52,6 +53,8 @@ OFF_LOOP = 256 * 1024
 LONG_STRING = 64 * 1024
 """Strings longer than this (characters) count in the conversation key by their digest."""
 SESSION_HEADER = "X-OpenWebUI-Chat-Id"
+READ_BODY = web.RequestKey("read_body", bytes)
+"""The body, once a middleware has read it whole (the API key checks do, for model limits)."""
 UNLIMITED = ("/api/blobs/",)
 """Path prefixes whose POST bodies stream to an instance and are not held to ``max_body``."""
 
@@ -117,7 +120,10 @@ async def read_body(request: web.BaseRequest, limit: int, *, idle: float | None 
 
 
 async def request_body(request: web.Request) -> bytes:
-    """:func:`read_body` with the proxy's own ``limits.max_body`` and ``limits.client_idle``."""
+    """:func:`read_body` with the proxy's own ``limits.max_body`` and ``limits.client_idle``;
+    a body a middleware already read (:data:`READ_BODY`) is not read again."""
+    if READ_BODY in request:
+        return request[READ_BODY]
     limits = request.app[PROXY].config.limits
     return await read_body(request, limits.max_body, idle=limits.client_idle)
 

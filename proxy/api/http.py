@@ -22,6 +22,10 @@ _OPENAI_TYPES = {
 }
 
 
+INTERNAL = "internal error in the proxy; its log has the details"
+"""The only text a client reads for an error the proxy did not expect: no internals."""
+
+
 def is_openai(path: str) -> bool:
     return path.startswith("/v1/")
 
@@ -93,4 +97,4 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return web.Response(status=404, text="404 page not found")
     except OllamuxError as exc:  # a bug if it gets here: say so without a traceback to the client
         log.exception("unhandled %s", type(exc).__name__)
-        return error_response(request.path, 500, str(exc))
+        return error_response(request.path, 500, INTERNAL)

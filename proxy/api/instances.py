@@ -135,7 +135,11 @@ async def restart(request: web.Request) -> web.StreamResponse:
         await request.app[LAUNCHER].restart(found.name)
     except LaunchError as exc:
         log.error("instance %s: restart failed: %s", found.name, exc)
-        return error_response(request.path, 502, str(exc))
+        # A launcher's reasons may name addresses, paths and process output: the log has them.
+        message = f"instance {found.name} failed to restart; the proxy's log says why"
+        if isinstance(request.app[LAUNCHER], _Unmanaged):
+            message = str(exc)  # our own sentence: nothing was started here
+        return error_response(request.path, 502, message)
     if proxy.monitor is not None:
         await proxy.monitor.check_all()  # so the answer (and routing) sees it up at once
     return json_response(_entry(proxy, found, request.app[LAUNCHER]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -20,6 +21,8 @@ from proxy.api.http import error_response
 from proxy.api.passthrough import passthrough
 from proxy.balancer.state import InstanceState
 from proxy.names import is_valid, normalize
+
+log = logging.getLogger("ollamux.proxy")
 
 
 @dataclass(eq=False)
@@ -106,8 +109,10 @@ async def _run(proxy: Proxy, inst: InstanceState, job: _Pull, body: bytes) -> No
                         job.add(line)
             if buffer.strip():
                 job.add(buffer)
-    except Exception as exc:  # the pull's clients get the reason, as Ollama's error line
-        job.add(json.dumps({"error": f"pull failed: {exc or type(exc).__name__}"}).encode())
+    except Exception as exc:  # the clients get Ollama's error line; only the log has the details
+        log.warning("pull through instance %s failed: %r", inst.name, exc)
+        message = f"pull failed: instance {inst.name} stopped answering"
+        job.add(json.dumps({"error": message}).encode())
     finally:
         job.finish()
         if proxy.monitor is not None:

@@ -29,6 +29,7 @@ from proxy.config import (
 )
 from proxy.emulator.events import ServerSettings
 from proxy.errors import ConfigError, LaunchError
+from proxy.frontdoor import parse_origins
 from proxy.units import DurationError, format_bytes, parse_duration
 
 __all__ = ["EmulateOptions", "EmulatorPlan", "emulate", "parse_gpu", "plan_emulator"]
@@ -177,7 +178,7 @@ def plan_emulator(options: EmulateOptions, environ: Mapping[str, str]) -> Emulat
         spread=settings_source.spread,
         spread_penalty=emulator.spread_penalty,
         cpu_slowdown=emulator.cpu_slowdown,
-        origins=_origins(environ.get("OLLAMA_ORIGINS", "")),
+        origins=parse_origins(environ.get("OLLAMA_ORIGINS", "")),
         seed=options.seed if options.seed is not None else emulator.seed,
     )
     models_dir = options.models_dir if options.models_dir is not None else config.models_dir
@@ -294,10 +295,6 @@ def _from_env(environ: Mapping[str, str]) -> InstanceConfig:
         else:
             log.warning("invalid %s=%r, using the default", var, raw)
     return dataclasses.replace(_OLLAMA_DEFAULTS, **values)
-
-
-def _origins(value: str) -> tuple[str, ...]:
-    return tuple(o.strip() for o in value.split(",") if o.strip())
 
 
 def _hostport(host: str, port: int) -> str:

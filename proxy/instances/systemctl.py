@@ -36,6 +36,7 @@ from proxy.config import Config, load_config
 from proxy.errors import LaunchError, OllamuxError
 from proxy.instances.pinning import pin_with_nvml
 from proxy.instances.process import find_ollama
+from proxy.instances.stock import carry_over
 from proxy.instances.systemd import (
     ENV_DIR,
     ETC_DIR,
@@ -43,6 +44,7 @@ from proxy.instances.systemd import (
     PROXY_UNIT,
     TARGET,
     USER,
+    Account,
     UnitFile,
     instance_unit,
     local_instances,
@@ -90,7 +92,7 @@ def ollamux_command() -> list[str]:
     return [str(Path(found).absolute())] if found else [sys.executable, "-m", "proxy"]
 
 
-def rendered(config: Config, *, strict: bool) -> list[UnitFile]:
+def rendered(config: Config, *, strict: bool, account: Account | None = None) -> list[UnitFile]:
     """The files for a pinned ``config``; with ``strict`` a missing ``ollama`` is an error."""
     try:
         ollama = find_ollama(config)
@@ -99,7 +101,7 @@ def rendered(config: Config, *, strict: bool) -> list[UnitFile]:
             raise
         log.warning("%s; the unit runs %s for now", exc, DEFAULT_OLLAMA)
         ollama = DEFAULT_OLLAMA
-    return render(config, ollama=ollama, ollamux=ollamux_command())
+    return render(config, ollama=ollama, ollamux=ollamux_command(), account=account)
 
 
 def render_to(config_path: str, out: str, *, stdout: TextIO | None = None) -> None:
@@ -126,8 +128,16 @@ def install(
     out = out or sys.stdout
     offline = Path(root).resolve() != Path("/")
     _check_privileges(root, dry_run=dry_run, offline=offline, out=out)
-    config = pin_with_nvml(load_config(config_path))
-    files = rendered(config, strict=not dry_run)
+    carried = carry_over(pin_with_nvml(load_config(config_path)), root, Account())
+    config = carried.config
+    if carried.lines:
+        out.write(f"carried over from the stock {STOCK} and its drop-ins:\n")
+        out.writelines(f"  {line}\n" for line in carried.lines)
+    else:
+        out.write(f"nothing to carry over from {STOCK}: it sets no Environment= or User=\n")
+    for warning in carried.warnings:
+        out.write(f"warning: {warning}\n")
+    files = rendered(config, strict=not dry_run, account=carried.account)
     previous = _read_manifest(root)
     units = [instance_unit(i.name) for i in local_instances(config)]
     stock = previous["stock"] if previous else _stock_state(root, offline=offline)

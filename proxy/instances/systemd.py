@@ -20,15 +20,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import yaml
 
 from proxy import __version__
-from proxy.config import Config, InstanceConfig
+from proxy.config import Config, InstanceConfig, parse_listen
 from proxy.config_dump import plain
 from proxy.errors import ConfigError
+from proxy.instances.hardening import HOME_DIRS, ollama_sandbox, proxy_sandbox
 from proxy.instances.pinning import LOCAL
 from proxy.instances.process import instance_env, models_dir
 from proxy.instances.supervisor import RestartPolicy
@@ -42,6 +44,7 @@ __all__ = [
     "TARGET",
     "UNIT_DIR",
     "USER",
+    "Account",
     "UnitFile",
     "instance_unit",
     "local_instances",
@@ -76,6 +79,18 @@ class UnitFile:
     """Group that must be able to read it (mode 0640), e.g. the proxy's user's group."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class Account:
+    """Who the units run as, and the environment of the proxy beyond its config."""
+
+    user: str = USER
+    group: str = USER
+    home: str = OLLAMA_HOME
+    """The user's home: Ollama keeps its key (and by default the models) in ``~/.ollama``."""
+    proxy_env: Mapping[str, str] = field(default_factory=dict)
+    """Set in ``ollamux.service`` (e.g. OLLAMA_ORIGINS carried over from the stock unit)."""
+
+
 def instance_unit(name: str) -> str:
     """The systemd unit of instance ``name``: ``ollama@NAME.service``."""
     return f"ollama@{name}.service"
@@ -88,8 +103,11 @@ def local_instances(config: Config) -> list[InstanceConfig]:
     return [inst for inst in config.instances if inst.launcher in LOCAL]
 
 
-def render(config: Config, *, ollama: str, ollamux: Sequence[str]) -> list[UnitFile]:
+def render(
+    config: Config, *, ollama: str, ollamux: Sequence[str], account: Account | None = None
+) -> list[UnitFile]:
     """Every file for ``config``; ``ollama`` and ``ollamux`` are absolute executable paths."""
+    account = account or Account()
     instances = local_instances(config)
     if not instances:
         raise ConfigError(
@@ -106,16 +124,20 @@ def render(config: Config, *, ollama: str, ollamux: Sequence[str]) -> list[UnitF
             )
     units = [instance_unit(inst.name) for inst in instances]
     files = [
-        UnitFile(path=f"{UNIT_DIR}/{TEMPLATE}", text=_template(config, ollama)),
-        UnitFile(path=f"{UNIT_DIR}/{PROXY_UNIT}", text=_proxy_unit(config, ollamux, units)),
+        UnitFile(path=f"{UNIT_DIR}/{TEMPLATE}", text=_template(config, ollama, account)),
+        UnitFile(
+            path=f"{UNIT_DIR}/{PROXY_UNIT}", text=_proxy_unit(config, ollamux, units, account)
+        ),
         UnitFile(path=f"{UNIT_DIR}/{TARGET}", text=_target(config, units)),
     ]
     for inst in instances:
         files.append(
             UnitFile(path=f"{ENV_DIR}/{inst.name}.env", text=_env_file(config, inst), mode=0o600)
         )
-    files.append(UnitFile(path=PROXY_CONFIG, text=_proxy_config(config), mode=0o640, group=USER))
-    files.append(UnitFile(path=POLKIT_RULE, text=_polkit_rule()))
+    files.append(
+        UnitFile(path=PROXY_CONFIG, text=_proxy_config(config), mode=0o640, group=account.group)
+    )
+    files.append(UnitFile(path=POLKIT_RULE, text=_polkit_rule(account.user)))
     return files
 
 
@@ -130,10 +152,11 @@ def _header(config: Config) -> str:
     )
 
 
-def _template(config: Config, ollama: str) -> str:
-    writable = [f"-{OLLAMA_HOME}"]  # "-": no error where it does not exist
-    if config.models_dir:
-        writable.append(_quote(f"-{models_dir(config)}"))
+def _template(config: Config, ollama: str, account: Account) -> str:
+    writable = [account.home]  # prefixed "-" there: no error where it does not exist
+    store = models_dir(config)
+    if store and not any(store == w or store.startswith(w.rstrip("/") + "/") for w in writable):
+        writable.append(store)
     return f"""{_header(config)}\
 # One Ollama server per instance: ollama@NAME.service reads {ENV_DIR}/NAME.env
 # (CUDA_VISIBLE_DEVICES=<its GPU UUID>, OLLAMA_HOST=127.0.0.1:<its port>, its OLLAMA_* settings).
@@ -149,30 +172,20 @@ PartOf={TARGET}
 Type=exec
 ExecStart={_quote(ollama)} serve
 EnvironmentFile={ENV_DIR}/%i.env
-User={USER}
-Group={USER}
+User={account.user}
+Group={account.group}
 Restart=always
 RestartSec=3
 
-# Hardening that Ollama tolerates. Left out on purpose: PrivateDevices= and ProtectClock= (both
-# restrict /dev, hiding the GPUs), NoNewPrivileges= and ProtectKernelModules= (CUDA may load
-# nvidia-uvm through the setuid nvidia-modprobe), MemoryDenyWriteExecute= (CUDA compiles kernels
-# at run time), ProtectHome= (models_dir may live under /home).
-ProtectSystem=full
-ReadWritePaths={" ".join(writable)}
-PrivateTmp=yes
-ProtectKernelTunables=yes
-ProtectControlGroups=yes
-RestrictSUIDSGID=yes
-RestrictRealtime=yes
-RestrictNamespaces=yes
-LockPersonality=yes
-SystemCallArchitectures=native
-"""
+{ollama_sandbox(writable)}"""
 
 
-def _proxy_unit(config: Config, ollamux: Sequence[str], units: list[str]) -> str:
+def _proxy_unit(config: Config, ollamux: Sequence[str], units: list[str], account: Account) -> str:
     command = " ".join(_quote(part) for part in ollamux)
+    _, port = parse_listen(config.listen)
+    environment = "".join(
+        f"Environment={_env_word(key, value)}\n" for key, value in account.proxy_env.items()
+    )
     return f"""{_header(config)}\
 # The ollamux proxy: it connects to the instances systemd runs (launcher systemd), routes
 # requests to them, and restarts one on request with `systemctl restart ollama@NAME`.
@@ -187,8 +200,8 @@ PartOf={TARGET}
 Type=exec
 ExecStart={command} serve --config {PROXY_CONFIG}
 Environment=PYTHONUNBUFFERED=1
-User={USER}
-Group={USER}
+{environment}User={account.user}
+Group={account.group}
 Restart=on-failure
 RestartSec=3
 
@@ -200,21 +213,7 @@ KillMode=mixed
 KillSignal=SIGTERM
 TimeoutStopSec={stop_timeout(config)}
 
-# The proxy only reads files, speaks HTTP, reads NVML (/dev/nvidia*) and talks to systemd.
-NoNewPrivileges=yes
-ProtectSystem=strict
-ProtectHome=read-only
-PrivateTmp=yes
-ProtectKernelTunables=yes
-ProtectKernelModules=yes
-ProtectControlGroups=yes
-RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
-RestrictSUIDSGID=yes
-RestrictRealtime=yes
-RestrictNamespaces=yes
-LockPersonality=yes
-SystemCallArchitectures=native
-"""
+{proxy_sandbox(port=port, home_files=_names_home_files(config))}"""
 
 
 def stop_timeout(config: Config) -> int:
@@ -279,19 +278,43 @@ def _proxy_config(config: Config) -> str:
     )
 
 
-def _polkit_rule() -> str:
+def _names_home_files(config: Config) -> bool:
+    """Whether a value of the proxy's config is a path under a home directory (ProtectHome)."""
+
+    def walk(value: Any) -> bool:
+        if isinstance(value, dict):
+            return any(walk(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return any(walk(v) for v in value)
+        return isinstance(value, str) and (
+            value.startswith("~") or any(value.startswith(d + "/") for d in HOME_DIRS)
+        )
+
+    tree = plain(config)
+    for key in ("source", "models_dir", "ollama_binary"):  # not read by the proxy under systemd
+        tree.pop(key, None)
+    return walk(tree)
+
+
+def _polkit_rule(user: str) -> str:
     return f"""// Rendered by ollamux {__version__}; `ollamux systemd install` installs it.
-// Lets the proxy (user {USER}) restart its instances, and only those: the admin API's
+// Lets the proxy (user {user}) restart its instances, and only those: the admin API's
 // POST /proxy/instances/NAME/restart runs `systemctl restart ollama@NAME.service`.
 polkit.addRule(function(action, subject) {{
     if (action.id == "org.freedesktop.systemd1.manage-units" &&
-        subject.user == "{USER}" &&
+        subject.user == "{user}" &&
         action.lookup("verb") == "restart" &&
         /^ollama@[A-Za-z0-9_.-]+\\.service$/.test(action.lookup("unit"))) {{
         return polkit.Result.YES;
     }}
 }});
 """
+
+
+def _env_word(key: str, value: str) -> str:
+    """``"KEY=VALUE"`` for Environment=: quoted, with ``%`` (a specifier) doubled."""
+    text = f"{key}={value}".replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+    return f'"{text}"'
 
 
 def _quote(word: str) -> str:

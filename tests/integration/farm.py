@@ -77,6 +77,7 @@ async def farm(
     timeouts: dict[str, Any] | None = None,
     context_length: int = 4096,
     limits: dict[str, Any] | None = None,
+    auth: dict[str, Any] | None = None,
 ) -> AsyncIterator[Farm]:
     """Start one emulator per GPU (sharing one model store) and the proxy in front of them."""
     specs = [GpuSpec(name=f"emu{i}", memory_gib=g) for i, g in enumerate(gpus)]
@@ -120,6 +121,7 @@ async def farm(
             },
             "queue": {"timeout": 30, **(queue or {})},
             "limits": limits or {},
+            "auth": auth or {},
         }
         config = config_from_dict(raw, source="test")
         registry = CollectorRegistry()

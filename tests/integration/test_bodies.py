@@ -124,7 +124,7 @@ async def test_a_declared_body_over_the_default_limit_is_refused_before_it_is_se
     """Shipped defaults: 64 MiB. The 413 comes from Content-Length alone, and the connection
     closes after it, since the client may still be sending."""
     head = (
-        b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n" % (64 * MIB + 1)
     )
     reader, writer = await raw(box.url, head)
@@ -249,7 +249,10 @@ async def test_a_blob_upload_that_cannot_connect_goes_to_the_next_instance(box: 
 
 async def test_a_client_that_leaves_mid_upload_stores_nothing(small_limit: Farm) -> None:
     data, path = blob(2 * LIMIT)
-    head = b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (path.encode(), len(data))
+    head = b"POST %s HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % (
+        path.encode(),
+        len(data),
+    )
     _, writer = await raw(small_limit.url, head + data[: LIMIT // 2])
     await asyncio.sleep(0.2)  # let part of it reach the instance
     close(writer)
@@ -264,7 +267,7 @@ async def test_a_client_that_leaves_mid_upload_stores_nothing(small_limit: Farm)
 
 async def test_a_client_that_trickles_its_request_head_is_disconnected(tmp_path: Path) -> None:
     async with farm(tmp_path, limits={"client_idle": 0.5}) as box:
-        reader, writer = await raw(box.url, b"POST /api/chat HTTP/1.1\r\nHost: x\r\n")
+        reader, writer = await raw(box.url, b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\n")
         try:
             for _ in range(3):  # a header now and then does not keep it open
                 writer.write(b"X-Slow: 1\r\n")
@@ -274,7 +277,7 @@ async def test_a_client_that_trickles_its_request_head_is_disconnected(tmp_path:
         finally:
             close(writer)
         # an idle keep-alive connection is closed too, after its answer
-        reader, writer = await raw(box.url, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        reader, writer = await raw(box.url, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
         try:
             answer = await closed_by_peer(reader)
         finally:
@@ -297,7 +300,10 @@ async def test_an_answer_longer_than_client_idle_is_not_cut(tmp_path: Path) -> N
 async def test_a_body_that_stalls_gets_408(tmp_path: Path) -> None:
     async with farm(tmp_path, limits={"client_idle": 0.5, "max_body": LIMIT}) as box:
         for path in ("/api/chat", blob(LIMIT)[1]):
-            head = b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" % path.encode()
+            head = (
+                b"POST %s HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000\r\n\r\n"
+                % path.encode()
+            )
             reader, writer = await raw(box.url, head + b'{"model": ')
             try:
                 status_line, headers, payload = await response(reader)

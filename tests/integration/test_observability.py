@@ -48,6 +48,8 @@ FAMILIES = {
     "ollamux_routing_decisions": "counter",
     "ollamux_rejected": "counter",
     "ollamux_retries": "counter",
+    "ollamux_key_requests": "counter",
+    "ollamux_auth_refused": "counter",
     "ollamux_upstream_errors": "counter",
     "ollamux_ejections": "counter",
     "ollamux_model_loads": "counter",

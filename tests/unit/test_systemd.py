@@ -60,11 +60,14 @@ def test_render_writes_a_template_an_env_file_per_instance_the_proxy_and_a_targe
         "Group=ollama",
         "Restart=always",
         "PartOf=ollamux.target",
-        "ProtectSystem=full",
+        "ProtectSystem=strict",
         "ReadWritePaths=-/usr/share/ollama",
+        "ProtectHome=yes",
+        "NoNewPrivileges=yes",
+        "DeviceAllow=char-nvidia* rw",
     ):
         assert line in template.splitlines()
-    assert "PrivateDevices=yes" not in template  # it would hide the GPUs
+    assert "PrivateDevices=no" in template.splitlines()  # yes would hide the GPUs
     env = files["/etc/ollamux/instances/gpu0.env"].splitlines()
     assert 'CUDA_VISIBLE_DEVICES="GPU-00000000-0000-0000-0000-000000000000"' in env
     assert 'OLLAMA_HOST="127.0.0.1:11435"' in env
@@ -116,7 +119,10 @@ def test_env_values_are_quoted_for_systemd_and_one_line_only(tmp_path: Path) -> 
     assert 'OLLAMA_MODELS="/srv/ollama models"' in env
     assert 'X="a\\"b\\$c\\\\d"' in env
     template = files["/etc/systemd/system/ollama@.service"]
-    assert 'ReadWritePaths=-/usr/share/ollama "-/srv/ollama models"' in template
+    assert 'ReadWritePaths=-/usr/share/ollama "-/srv/ollama models"' in template.splitlines()
+    raw["models_dir"] = "/home/me/models"
+    home = rendered(tmp_path, raw)["/etc/systemd/system/ollama@.service"].splitlines()
+    assert "ProtectHome=tmpfs" in home and "BindPaths=-/home/me/models" in home
     raw["instances"] = [{"name": "a", "gpu": 0, "env": {"X": "two\nlines"}}]
     with pytest.raises(ConfigError, match=r"instances\[0\].env.X: must be one line"):
         rendered(tmp_path, raw)
