@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from proxy.errors import ConfigError
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -127,6 +129,17 @@ def origin_problem(origin: str) -> str | None:
             "https://webui.example.com, or use one '*' wildcard, e.g. http://10.0.0.*"
         )
     return None
+
+
+def env_origins(environ: Mapping[str, str]) -> tuple[str, ...]:
+    """The entries of ``OLLAMA_ORIGINS`` in ``environ``; a ConfigError naming the variable for an
+    entry Ollama itself would refuse to start with."""
+    origins = parse_origins(environ.get("OLLAMA_ORIGINS", ""))
+    for origin in origins:
+        problem = origin_problem(origin)
+        if problem is not None:
+            raise ConfigError(problem, source="environment", path="OLLAMA_ORIGINS")
+    return origins
 
 
 def _is_cross_origin(host: str, origin: str) -> bool:

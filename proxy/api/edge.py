@@ -22,9 +22,7 @@ from collections.abc import Mapping
 from aiohttp import web
 
 from proxy.config import Config, parse_listen
-from proxy.errors import ConfigError
-from proxy.frontdoor import DEFAULT_ORIGINS, Origins, cors_headers, front_door, origin_problem
-from proxy.frontdoor import parse_origins as parse_env_origins
+from proxy.frontdoor import DEFAULT_ORIGINS, Origins, cors_headers, env_origins, front_door
 
 __all__ = ["allowed_origins", "install"]
 
@@ -37,12 +35,7 @@ def allowed_origins(config: Config, environ: Mapping[str, str] | None = None) ->
     An ``OLLAMA_ORIGINS`` entry Ollama itself would refuse to start with is a ConfigError naming
     the variable and the fix.
     """
-    environ = os.environ if environ is None else environ
-    from_env = parse_env_origins(environ.get("OLLAMA_ORIGINS", ""))
-    for origin in from_env:
-        problem = origin_problem(origin)
-        if problem is not None:
-            raise ConfigError(problem, source="environment", path="OLLAMA_ORIGINS")
+    from_env = env_origins(os.environ if environ is None else environ)
     if from_env:
         log.info("OLLAMA_ORIGINS adds allowed origins: %s", ", ".join(from_env))
     return Origins((*DEFAULT_ORIGINS, *config.cors.origins, *from_env))

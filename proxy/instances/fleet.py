@@ -33,6 +33,7 @@ import aiohttp
 
 from proxy.config import Config, InstanceConfig, TimeoutConfig, parse_listen
 from proxy.errors import ConfigError, LaunchError
+from proxy.frontdoor import env_origins
 from proxy.instances.emulated import emulated_child
 from proxy.instances.pinning import pin_with_nvml
 from proxy.instances.ports import holder, port_problem
@@ -75,6 +76,7 @@ class FleetPlan:
 def serve(config: Config, *, listen: str | None = None) -> None:
     """`ollamux serve`: start the instances and the routing proxy; keep them up until stopped."""
     config = pin_with_nvml(with_listen(config, listen))
+    env_origins(os.environ)  # a bad OLLAMA_ORIGINS stops us before any instance starts
     plan = plan_fleet(config)
     asyncio.run(run_fleet(config, plan))
 

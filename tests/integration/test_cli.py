@@ -395,3 +395,19 @@ def test_serve_checks_external_instances_and_stops_on_sigterm(
     finally:
         backend.kill()
         backend.wait(10)
+
+
+def test_serve_refuses_a_bad_ollama_origins_before_starting_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "listen: 127.0.0.1:1\ninstances:\n"
+        "  - {name: gpu0, launcher: emulated, gpu: 0}\n"
+        "emulator: {gpus: [{name: g0, memory_gib: 24}]}\n"
+    )
+    monkeypatch.setenv("OLLAMA_ORIGINS", "http://ok.example,notanorigin")
+    result = ollamux("serve", "--config", str(config), timeout=30)
+    assert result.returncode == 2
+    assert "OLLAMA_ORIGINS: 'notanorigin' is not an origin" in result.stderr
+    assert "started" not in result.stderr  # no instance was launched
