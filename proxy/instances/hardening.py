@@ -15,6 +15,23 @@ HOME_DIRS = ("/home", "/root", "/run/user")
 """What ProtectHome= hides."""
 NVIDIA_MODPROBE = "/usr/bin/nvidia-modprobe"
 
+_KERNEL = (
+    "ProtectKernelTunables=yes",
+    "ProtectKernelModules=yes",
+    "ProtectKernelLogs=yes",
+    "ProtectControlGroups=yes",
+    "ProtectClock=yes",
+    "ProtectHostname=yes",
+)
+"""Both units: no kernel tunables, modules, logs, cgroups, clock or host name to change."""
+_RESTRICTED = (
+    "RestrictNamespaces=yes",
+    "RestrictRealtime=yes",
+    "RestrictSUIDSGID=yes",
+    "LockPersonality=yes",
+)
+"""Both units: no namespaces, realtime scheduling, setuid files or personality changes."""
+
 
 def under_home(path: str) -> bool:
     """Whether ProtectHome= would hide ``path``."""
@@ -58,19 +75,11 @@ def ollama_sandbox(writable: Sequence[str]) -> str:
         "PrivateDevices=no",
         "DevicePolicy=closed",
         "DeviceAllow=char-nvidia* rw",
-        "ProtectKernelTunables=yes",
-        "ProtectKernelModules=yes",
-        "ProtectKernelLogs=yes",
-        "ProtectControlGroups=yes",
-        "ProtectClock=yes",
-        "ProtectHostname=yes",
+        *_KERNEL,
         "# Other users' processes are invisible. ProcSubset=pid is left out: Ollama reads",
         "# /proc/meminfo and /proc/cpuinfo, and NVIDIA's libraries /proc/driver/nvidia.",
         "ProtectProc=invisible",
-        "RestrictNamespaces=yes",
-        "RestrictRealtime=yes",
-        "RestrictSUIDSGID=yes",
-        "LockPersonality=yes",
+        *_RESTRICTED,
         "# MemoryDenyWriteExecute= is left out: CUDA compiles kernels at run time (PTX JIT) and",
         "# the GGML backends map code, both need memory that is writable and executable.",
         "# HTTP (inet), local sockets (unix) and netlink: Go lists the interface addresses",
@@ -120,18 +129,10 @@ def proxy_sandbox(*, port: int, home_files: bool) -> str:
         "PrivateDevices=no",
         "DevicePolicy=closed",
         "DeviceAllow=char-nvidia* rw",
-        "ProtectKernelTunables=yes",
-        "ProtectKernelModules=yes",
-        "ProtectKernelLogs=yes",
-        "ProtectControlGroups=yes",
-        "ProtectClock=yes",
-        "ProtectHostname=yes",
+        *_KERNEL,
         "# ProcSubset=pid is left out: NVML reads /proc/driver/nvidia.",
         "ProtectProc=invisible",
-        "RestrictNamespaces=yes",
-        "RestrictRealtime=yes",
-        "RestrictSUIDSGID=yes",
-        "LockPersonality=yes",
+        *_RESTRICTED,
         "# CPython 3.11 has no JIT, and NVML is called through ctypes without callbacks (no",
         "# libffi closures), so no memory need be writable and executable.",
         "MemoryDenyWriteExecute=yes",
