@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import typing
 
 import pytest
 
@@ -164,3 +165,15 @@ def test_random_is_uniform_over_available() -> None:
         assert decision is not None
         counts[decision.instance] += 1
     assert counts["c"] == 0 and 800 < counts["a"] < 1200
+
+
+def test_the_config_and_the_benchmark_name_the_registrys_policies() -> None:
+    """POLICIES is the one list: the config accepts exactly its names, and every policy the
+    routing benchmark runs through the proxy is one of them."""
+    from benchmarks.contenders import PROXIED
+    from proxy.config import PolicyName
+
+    assert set(typing.get_args(PolicyName)) == set(POLICIES)
+    assert set(PROXIED) <= set(POLICIES)
+    for name in POLICIES:
+        assert RoutingConfig(policy=name).policy == name  # type: ignore[arg-type]
