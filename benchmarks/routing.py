@@ -106,11 +106,12 @@ async def proxy_metrics(url: str) -> dict[str, Any]:
             elif s.name == "ollamux_routing_decisions_total":
                 out["decisions"][s.labels["reason"]] = int(s.value)
             elif s.name == "ollamux_rejected_total":
-                out["rejected"][s.labels["reason"]] = int(s.value)
+                if s.value:  # every reason has a series from the start, at 0
+                    out["rejected"][s.labels["reason"]] = int(s.value)
             elif s.name == "ollamux_retries_total":
                 out["retries"] = int(s.value)
             elif s.name == "ollamux_tokens_total" and s.labels.get("kind") == "eval":
-                inst = s.labels["instance"]
+                inst = s.labels["backend"]
                 out["eval_tokens"][inst] = out["eval_tokens"].get(inst, 0) + int(s.value)
     return out
 

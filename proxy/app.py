@@ -37,7 +37,7 @@ def instance_states(config: Config) -> list[InstanceState]:
     if config.instances == "auto":
         raise ConfigError(
             "instances: auto needs NVML GPU discovery, which comes with the process launcher; "
-            "list the instances, or try config/demo.yaml",
+            "list the instances, or try the emulated demo box: ollamux demo",
             source=config.source,
             path="instances",
         )
@@ -73,7 +73,7 @@ def build_app(
     registry = registry if registry is not None else CollectorRegistry()
     instances = instance_states(config)
     book = ModelBook()
-    metrics = Metrics(registry, config.routing.policy)
+    metrics = Metrics(registry, config.routing.policy, [inst.name for inst in instances])
     router = Router(
         instances, make_policy(config.routing), book, config, on_decision=metrics.decision
     )

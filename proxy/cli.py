@@ -8,17 +8,22 @@ none of them prints a traceback.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
 from proxy import __version__
+from proxy.cli_help import add_global_flags, finish
 from proxy.errors import ConfigError, OllamuxError
+from proxy.logs import setup_logging
 
 __all__ = ["build_parser", "main"]
 
 PROG = "ollamux"
+URL_HELP = (
+    "the proxy (default: $OLLAMUX_URL, else $OLLAMA_HOST as the ollama CLI reads it, "
+    "else http://127.0.0.1:11434)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,12 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load-balancing reverse proxy for Ollama: one Ollama server per GPU.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    parser.add_argument(
-        "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="how much to log on stderr (default: info)",
-    )
+    add_global_flags(parser, top=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     config = commands.add_parser("config", help="work with config files")
@@ -40,12 +40,35 @@ def build_parser() -> argparse.ArgumentParser:
     check = config_commands.add_parser(
         "check", help="validate a config file and print it resolved (defaults, ports, models)"
     )
-    check.add_argument("file", metavar="FILE")
+    check.add_argument("file", metavar="FILE", help="the YAML config file")
 
-    serve = commands.add_parser("serve", help="start every instance of a config and keep them up")
+    serve = commands.add_parser(
+        "serve",
+        help="start every instance of a config and keep them up",
+        description="Start every instance of a config, wait until each answers, route requests "
+        "to them on the config's listen address, and keep them up until Ctrl-C or SIGTERM. "
+        "Without --config: one Ollama per NVIDIA GPU found with NVML, on 127.0.0.1:11434.",
+    )
     serve.add_argument("--config", metavar="FILE", help="config file (e.g. config/demo.yaml)")
     serve.add_argument(
-        "--listen", metavar="HOST:PORT", help="the proxy's address (overrides listen)"
+        "--listen",
+        metavar="HOST:PORT",
+        help="the proxy's address (overrides the config's listen; OLLAMA_HOST is not read, "
+        "since the instances behind the proxy are the Ollama servers)",
+    )
+
+    demo = commands.add_parser(
+        "demo",
+        help="start the emulated 4-GPU demo box (no GPU or Ollama needed)",
+        description="Start the emulated demo box shipped with ollamux: 4 emulated GPUs "
+        "(2 x 24 GiB, 2 x 48 GiB), one emulated Ollama each, and the routing proxy in front. "
+        "Example: ollamux demo --listen 127.0.0.1:12000",
+    )
+    demo.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="the proxy's address (default: 127.0.0.1:11434); the 4 instances take the ports "
+        "after it",
     )
 
     emulate = commands.add_parser(
@@ -54,7 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run one emulated Ollama server. Settings not given as flags come from the "
         "config instance, else from OLLAMA_* environment variables, else Ollama's defaults.",
     )
-    emulate.add_argument("--listen", metavar="HOST:PORT", help="default: 127.0.0.1:11434")
+    emulate.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="default: the --instance's port, else $OLLAMA_HOST as Ollama reads it, "
+        "else 127.0.0.1:11434",
+    )
     emulate.add_argument(
         "--gpu",
         dest="gpus",
@@ -92,18 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser(
         "status", help="show a running proxy: GPUs, loaded models, queues, recent requests"
     )
-    status.add_argument(
-        "--url",
-        default=os.environ.get("OLLAMUX_URL", "http://127.0.0.1:11434"),
-        help="the proxy (default: $OLLAMUX_URL, else http://127.0.0.1:11434)",
-    )
+    status.add_argument("--url", help=URL_HELP)
     status.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
-    status.add_argument("--interval", type=float, default=2.0, metavar="S", help="with --watch")
+    status.add_argument(
+        "--interval", type=float, default=2.0, metavar="S", help="with --watch (default: 2)"
+    )
     status.add_argument("--json", action="store_true", help="print /proxy/status as JSON")
     _add_instance_commands(commands)
     from proxy.keys_cli import add_parser as add_keys_parser
 
     add_keys_parser(commands)  # `keys add|list|revoke`
+    finish(parser)  # every subcommand: the global flags, an example and the exit codes in --help
     return parser
 
 
@@ -115,22 +142,32 @@ def _add_instance_commands(commands: argparse._SubParsersAction[argparse.Argumen
     systemd = commands.add_parser("systemd", help="run the instances and proxy as systemd units")
     actions = systemd.add_subparsers(dest="systemd_command", metavar="ACTION", required=True)
     render = actions.add_parser("render", help="write the units, env files and proxy config to DIR")
-    render.add_argument("--config", metavar="FILE", required=True)
-    render.add_argument("--out", metavar="DIR", required=True)
+    render.add_argument("--config", metavar="FILE", required=True, help="the ollamux config")
+    render.add_argument(
+        "--out", metavar="DIR", required=True, help="write the files here, to read them"
+    )
     install = actions.add_parser(
         "install", help="install and start the units; disable the stock ollama.service"
     )
-    install.add_argument("--config", metavar="FILE", required=True)
-    uninstall = actions.add_parser(
-        "uninstall", help="undo install: stop and remove the units, restore ollama.service"
+    install.add_argument(
+        "--config",
+        metavar="FILE",
+        required=True,
+        help="the ollamux config; the proxy's own goes to /etc/ollamux/ollamux.yaml",
     )
-    for sub in (install, uninstall):
+    uninstall = actions.add_parser(
+        "uninstall",
+        help="undo install: stop and remove the units, restore ollama.service",
+        description="Undo `ollamux systemd install` as its manifest (/etc/ollamux/installed.json) "
+        "records it: stop and disable the units, remove the files, restore ollama.service.",
+    )
+    for sub, verb in ((install, "install into"), (uninstall, "uninstall from")):
         sub.add_argument("--dry-run", action="store_true", help="print every step, do nothing")
         sub.add_argument(
             "--root",
             metavar="DIR",
             default="/",
-            help="install into a system image at DIR (files and enable/disable only)",
+            help=f"{verb} a system image at DIR (files and enable/disable only; default: /)",
         )
     state = actions.add_parser("status", help="systemctl's view of ollamux's units")
     state.add_argument("--config", metavar="FILE", help="list this config's instance units")
@@ -138,39 +175,47 @@ def _add_instance_commands(commands: argparse._SubParsersAction[argparse.Argumen
     instances = commands.add_parser(
         "instances",
         help="list, drain, undrain or restart the instances of a running proxy",
-        description="List the instances of a running proxy, or drain (no new requests; those "
-        "in flight finish), undrain or restart one of them.",
+        description="List the instances of a running proxy (the default action), or drain "
+        "(no new requests; those in flight finish), undrain or restart one of them.",
     )
-    instances.add_argument(
-        "action", nargs="?", default="list", choices=["list", "drain", "undrain", "restart"]
+    instances.set_defaults(name=None, wait=False)
+    actions = instances.add_subparsers(dest="action", metavar="ACTION")
+    listing = actions.add_parser("list", help="the instances, their state and load")
+    drain = actions.add_parser("drain", help="send no new requests to NAME; those in flight finish")
+    drain.add_argument(
+        "--wait", action="store_true", help="return only when nothing is in flight on NAME"
     )
-    instances.add_argument("name", nargs="?", metavar="NAME", help="the instance")
-    instances.add_argument(
-        "--url",
-        default=os.environ.get("OLLAMUX_URL", "http://127.0.0.1:11434"),
-        help="the proxy (default: $OLLAMUX_URL, else http://127.0.0.1:11434)",
+    undrain = actions.add_parser("undrain", help="route requests to NAME again")
+    restart = actions.add_parser(
+        "restart", help="stop and start NAME (a process or systemd instance)"
     )
-    instances.add_argument(
-        "--token",
-        default=os.environ.get("OLLAMUX_ADMIN_TOKEN", ""),
-        help="the proxy's admin_token (default: $OLLAMUX_ADMIN_TOKEN)",
-    )
-    instances.add_argument("--wait", action="store_true", help="drain: until nothing is in flight")
-    instances.add_argument("--json", action="store_true", help="print the API's JSON")
+    for sub in (drain, undrain, restart):
+        sub.add_argument("name", metavar="NAME", help="the instance, as `ollamux instances` lists")
+    for sub in (instances, listing, drain, undrain, restart):
+        default = argparse.SUPPRESS if sub is not instances else None
+        sub.add_argument("--url", default=default, help=URL_HELP)
+        sub.add_argument(
+            "--token",
+            default=argparse.SUPPRESS if sub is not instances else "",
+            help="the proxy's admin_token (default: $OLLAMUX_ADMIN_TOKEN)",
+        )
+        sub.add_argument(
+            "--json",
+            action="store_true",
+            default=argparse.SUPPRESS if sub is not instances else False,
+            help="print the API's JSON",
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    setup_logging(args.log_level, args.log_format, environ=os.environ)
     try:
         _dispatch(args)
     except ConfigError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        for problem in exc.problems:  # each on its own line: every problem is found at once
+            print(f"{PROG}: error: {problem}", file=sys.stderr)
         return 2
     except OllamuxError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -191,6 +236,10 @@ def _dispatch(args: argparse.Namespace) -> None:
         from proxy.instances.fleet import serve
 
         serve(load_config(args.config) if args.config else Config(), listen=args.listen)
+    elif args.command == "demo":
+        from proxy.demo import run_demo
+
+        run_demo(listen=args.listen)
     elif args.command == "gpus":
         from proxy.gpu.report import run_gpus
 
@@ -199,18 +248,26 @@ def _dispatch(args: argparse.Namespace) -> None:
         _systemd(args)
     elif args.command == "instances":
         from proxy.instances.manage import run_instances
+        from proxy.ollama_host import url_from_env
 
         run_instances(
-            args.url, args.action, args.name, token=args.token, wait=args.wait, as_json=args.json
+            args.url or url_from_env(os.environ),
+            args.action or "list",
+            args.name,
+            token=args.token or os.environ.get("OLLAMUX_ADMIN_TOKEN", ""),
+            wait=args.wait,
+            as_json=args.json,
         )
     elif args.command == "keys":
         from proxy.keys_cli import run_keys
 
         run_keys(args)
     elif args.command == "status":
+        from proxy.ollama_host import url_from_env
         from proxy.status import run_status
 
-        run_status(args.url, watch=args.watch, as_json=args.json, interval=args.interval)
+        url = args.url or url_from_env(os.environ)
+        run_status(url, watch=args.watch, as_json=args.json, interval=args.interval)
     elif args.command == "emulate":
         from proxy.emulator.launch import EmulateOptions, emulate
 

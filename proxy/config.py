@@ -17,6 +17,7 @@ from typing import Annotated, ClassVar, Literal
 
 import yaml
 
+from proxy import yamlfile
 from proxy.config_build import build, strip_path
 from proxy.errors import ConfigError
 from proxy.frontdoor import origin_problem
@@ -352,7 +353,7 @@ def load_config(path: str | Path) -> Config:
     except OSError as exc:
         raise ConfigError(f"cannot read the file ({exc.strerror})", source=source) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yamlfile.safe_load(text)  # a duplicate key is an error, with its line
     except yaml.YAMLError as exc:
         raise ConfigError(_yaml_problem(exc), source=source, path=_yaml_line(exc)) from None
     config = config_from_dict({} if raw is None else raw, source=source)
@@ -394,9 +395,11 @@ def config_from_dict(raw: object, *, source: str = "") -> Config:
         config = dataclasses.replace(config, source=source)
         return _resolve(config)
     except ConfigError as exc:
-        if exc.source:
-            raise
-        raise ConfigError(strip_path(exc), source=source, path=exc.path) from None
+        sourced = [
+            p if p.source else ConfigError(strip_path(p), source=source, path=p.path)
+            for p in exc.problems
+        ]
+        raise ConfigError.of(sourced) from None
 
 
 def _resolve(config: Config) -> Config:

@@ -29,26 +29,27 @@ def build(cls: type[Any], raw: object, path: str) -> Any:
     hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
     kwargs: dict[str, Any] = {}
+    problems: list[ConfigError] = []  # independent fields: every one is checked and reported
     for key, value in raw.items():
         key_path = f"{path}.{key}" if path else str(key)
-        retired = getattr(cls, "RETIRED", {}).get(key)
-        if retired:
-            raise ConfigError(f"is no longer a setting: {retired}", path=key_path)
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(fields)}"
-            raise ConfigError(f"unknown key {key!r}; {hint}", path=key_path)
-        kwargs[key] = _convert(hints[key], value, key_path)
+        try:
+            kwargs[key] = _field(cls, fields, hints, key, value, key_path)
+        except ConfigError as exc:
+            problems.append(exc)
     missing = [
         name
         for name, f in fields.items()
         if name not in kwargs
+        and name not in raw
         and f.default is dataclasses.MISSING
         and f.default_factory is dataclasses.MISSING
     ]
     if missing:
         where = f"{path}.{missing[0]}" if path else missing[0]
-        raise ConfigError(f"is required ({cls.__name__} needs {', '.join(missing)})", path=where)
+        needs = f"is required ({cls.__name__} needs {', '.join(missing)})"
+        problems.append(ConfigError(needs, path=where))
+    if problems:
+        raise ConfigError.of(problems)
     try:
         return cls(**kwargs)
     except ConfigError as exc:
@@ -56,6 +57,25 @@ def build(cls: type[Any], raw: object, path: str) -> Any:
             sub = f"{path}.{exc.path}" if path else exc.path
             raise ConfigError(strip_path(exc), path=sub) from None
         raise
+
+
+def _field(
+    cls: type[Any],
+    fields: dict[str, dataclasses.Field[Any]],
+    hints: dict[str, Any],
+    key: object,
+    value: object,
+    key_path: str,
+) -> Any:
+    """One key of a mapping: a retired or unknown key is an error, else its converted value."""
+    retired = getattr(cls, "RETIRED", {}).get(key)
+    if retired:
+        raise ConfigError(f"is no longer a setting: {retired}", path=key_path)
+    if key not in fields:
+        close = difflib.get_close_matches(str(key), fields, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(fields)}"
+        raise ConfigError(f"unknown key {key!r}; {hint}", path=key_path)
+    return _convert(hints[str(key)], value, key_path)
 
 
 def _convert(tp: Any, value: object, path: str) -> Any:
@@ -96,7 +116,15 @@ def _convert(tp: Any, value: object, path: str) -> Any:
             if item_type in (int, str) or typing.get_origin(item_type) in (Union, types.UnionType):
                 return (_convert(item_type, value, path),)
             raise ConfigError(f"must be a list, got {_kind(value)}", path=path)
-        return tuple(_convert(item_type, v, f"{path}[{i}]") for i, v in enumerate(value))
+        items, problems = [], []
+        for i, v in enumerate(value):
+            try:
+                items.append(_convert(item_type, v, f"{path}[{i}]"))
+            except ConfigError as exc:
+                problems.append(exc)
+        if problems:
+            raise ConfigError.of(problems)
+        return tuple(items)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"must be a mapping, got {_kind(value)}", path=path)

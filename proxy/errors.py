@@ -43,8 +43,20 @@ class ConfigError(OllamuxError):
     def __init__(self, message: str, *, source: str = "", path: str = "") -> None:
         self.source = source
         self.path = path
+        self.problems: tuple[ConfigError, ...] = (self,)
+        """Every problem found (several when independent fields are wrong), each on its own."""
         where = ": ".join(part for part in (source, path) if part)
         super().__init__(f"{where}: {message}" if where else message)
+
+    @classmethod
+    def of(cls, problems: list[ConfigError]) -> ConfigError:
+        """One error for ``problems``: the only one, or one whose message has a line for each."""
+        flat = [p for problem in problems for p in problem.problems]
+        if len(flat) == 1:
+            return flat[0]
+        error = cls("\n".join(str(p) for p in flat))
+        error.problems = tuple(flat)
+        return error
 
 
 class LaunchError(OllamuxError):

@@ -49,7 +49,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     revoke = actions.add_parser(
         "revoke", help="delete a key; a running proxy refuses it within seconds"
     )
-    revoke.add_argument("name", metavar="NAME")
+    revoke.add_argument("name", metavar="NAME", help="the key's name, as `keys list` shows it")
     for sub in (add, listing, revoke):
         sub.add_argument("--config", metavar="FILE", help="the config naming auth.keys_file")
 

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable, Iterable, Sequence
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from proxy import __version__
 from proxy.balancer.queue import Dispatcher
 from proxy.balancer.state import InstanceState, ModelBook
 from proxy.gpu import GpuReading
@@ -40,15 +51,26 @@ ENDPOINTS = frozenset(
 )
 """The ``endpoint`` label's values besides ``other``: the proxy's routes, never a client's path."""
 NO_INSTANCE = "none"
-"""The ``instance`` label of a request no instance answered (rejected, or failed everywhere)."""
+"""The ``backend`` label of a request no instance answered (rejected, or failed everywhere)."""
 NO_MODEL = "none"
 """The ``model`` label of a request that names no model at all."""
+REJECT_REASONS = ("queue_full", "queue_timeout", "no_instance")
+"""The ``reason`` values of ``ollamux_rejected_total`` (proxy/api/http.py ``rejection_reason``)."""
+UPSTREAM_KINDS = ("connect", "timeout", "status", "midstream")
+"""The ``kind`` values of ``ollamux_upstream_errors_total`` (the ``UpstreamError`` kinds)."""
+AUTH_REASONS = ("no_key", "bad_key", "admin", "inference_only", "model")
+"""The ``reason`` values of ``ollamux_auth_refused_total`` (proxy/api/auth.py)."""
 
 
 class Metrics:
-    """Counters and histograms for what the proxy does, registered in an injected registry."""
+    """Counters and histograms for what the proxy does, registered in an injected registry.
 
-    def __init__(self, registry: CollectorRegistry, policy: str) -> None:
+    A series about one Ollama server names it in ``backend`` (the instance's configured name):
+    ``instance`` is the label Prometheus gives the scraped target, the proxy itself."""
+
+    def __init__(
+        self, registry: CollectorRegistry, policy: str, instances: Sequence[str] = ()
+    ) -> None:
         # No ``*_created`` series: in the text format Prometheus stores each as one more gauge,
         # doubling every counter's and histogram's series for a timestamp nobody graphs.
         disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -56,7 +78,7 @@ class Metrics:
         self.requests = Counter(
             "ollamux_requests",
             "Requests answered, by endpoint, model, instance and HTTP status.",
-            ["endpoint", "model", "instance", "code"],
+            ["endpoint", "model", "backend", "code"],
             registry=registry,
         )
         self.decisions = Counter(
@@ -91,25 +113,25 @@ class Metrics:
         self.upstream_errors = Counter(
             "ollamux_upstream_errors",
             "Failed exchanges with instances, by kind.",
-            ["instance", "kind"],
+            ["backend", "kind"],
             registry=registry,
         )
         self.ejections = Counter(
             "ollamux_ejections",
             "Times an instance was taken out of rotation because its requests kept failing.",
-            ["instance"],
+            ["backend"],
             registry=registry,
         )
         self.model_loads = Counter(
             "ollamux_model_loads",
             "Requests that made an instance load their model.",
-            ["instance", "model"],
+            ["backend", "model"],
             registry=registry,
         )
         self.tokens = Counter(
             "ollamux_tokens",
             "Tokens processed, from the instances' final metrics.",
-            ["instance", "model", "kind"],
+            ["backend", "model", "kind"],
             registry=registry,
         )
         self.duration = Histogram(
@@ -133,6 +155,31 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        build = Gauge(
+            "ollamux_build_info",
+            "Always 1; the labels say which ollamux and which Python run the proxy.",
+            ["version", "python"],
+            registry=registry,
+        )
+        build.labels(__version__, platform.python_version()).set(1)
+        self._zero(instances)
+        # the proxy's own CPU, memory and file descriptors (process_*), and python_info; a
+        # registry of its own gets its own collectors, so several apps in one process never clash
+        # (prometheus_client's global registry has them already)
+        if registry is not REGISTRY:
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+
+    def _zero(self, instances: Sequence[str]) -> None:
+        """A series at 0 for every label value known at start (all of them fixed, short lists),
+        so a dashboard shows 0 rather than "No data" and ``increase()`` sees the first event."""
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
+        for reason in AUTH_REASONS:
+            self.auth_refused.labels(reason)
+        for name in instances:
+            for kind in UPSTREAM_KINDS:
+                self.upstream_errors.labels(name, kind)
 
     def decision(self, reason: str) -> None:
         self.decisions.labels(self.policy, reason).inc()
@@ -148,37 +195,45 @@ class LiveCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         instances = list(self._dispatcher.instances.values())
         up = GaugeMetricFamily(
-            "ollamux_instance_up", "1 if the instance passes its health check.", labels=["instance"]
+            "ollamux_instance_up", "1 if the instance passes its health check.", labels=["backend"]
         )
         inflight = GaugeMetricFamily(
-            "ollamux_inflight", "Requests in flight per instance.", labels=["instance"]
+            "ollamux_inflight", "Requests in flight per instance.", labels=["backend"]
         )
         slots = GaugeMetricFamily(
-            "ollamux_slots", "Slots per loaded model (num_parallel).", labels=["instance"]
+            "ollamux_slots", "Slots per loaded model (num_parallel).", labels=["backend"]
         )
         loaded = GaugeMetricFamily(
             "ollamux_model_loaded",
             "1 per model loaded on an instance.",
-            labels=["instance", "model"],
+            labels=["backend", "model"],
+        )
+        in_vram = GaugeMetricFamily(
+            "ollamux_model_vram_ratio",
+            "Share of a loaded model in GPU memory (size_vram / size in /api/ps); below 1 it "
+            "spilled to CPU memory and runs slower.",
+            labels=["backend", "model"],
         )
         ejected = GaugeMetricFamily(
             "ollamux_instance_ejected",
             "1 while the instance is ejected: its requests kept failing; a probe re-admits it.",
-            labels=["instance"],
+            labels=["backend"],
         )
         for inst in instances:
             up.add_metric([inst.name], 1.0 if inst.healthy else 0.0)
             ejected.add_metric([inst.name], 1.0 if inst.ejected else 0.0)
             inflight.add_metric([inst.name], inst.inflight_total())
             slots.add_metric([inst.name], inst.slots)
-            for model in sorted(inst.loaded):
+            for model, info in sorted(inst.loaded.items()):
                 loaded.add_metric([inst.name, model], 1.0)
+                if info.size > 0:  # 0: the proxy loaded it, /api/ps has not said yet
+                    in_vram.add_metric([inst.name, model], min(info.size_vram / info.size, 1.0))
         depth = GaugeMetricFamily(
             "ollamux_queue_depth", "Requests waiting in the proxy, by model.", labels=["model"]
         )
         for model, n in sorted(self._dispatcher.depths(empty=True).items()):
             depth.add_metric([model], n)
-        yield from (up, ejected, inflight, slots, loaded, depth)
+        yield from (up, ejected, inflight, slots, loaded, in_vram, depth)
         yield from gpu_families(instances)
 
 

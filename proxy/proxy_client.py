@@ -8,7 +8,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from proxy.errors import OllamuxError
+from proxy.errors import ConfigError, OllamuxError
 
 DEFAULT_URL = "http://127.0.0.1:11434"
 
@@ -19,8 +19,20 @@ def normalize_url(url: str) -> str:
     return url if "://" in url else "http://" + url
 
 
-def call(base: str, method: str, path: str, *, token: str = "", timeout: float = 10.0) -> Any:
-    """``method`` ``base+path`` and its JSON answer; OllamuxError (exit 1) when that fails."""
+def call(
+    base: str,
+    method: str,
+    path: str,
+    *,
+    token: str = "",
+    timeout: float = 10.0,
+    argument: str = "",
+) -> Any:
+    """``method`` ``base+path`` and its JSON answer; OllamuxError (exit 1) when that fails.
+
+    With ``argument`` (e.g. ``NAME``), a 404 means that argument names nothing: a ConfigError
+    (exit 2, a bad argument) with the proxy's message.
+    """
     data = b"" if method == "POST" else None
     request = urllib.request.Request(base + path, method=method, data=data)
     token = token or os.environ.get("OLLAMUX_API_KEY", "")  # a proxy with auth.protect_status
@@ -31,6 +43,8 @@ def call(base: str, method: str, path: str, *, token: str = "", timeout: float =
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
         said = _error_text(exc)
+        if exc.code == 404 and argument:
+            raise ConfigError(said, path=argument) from None
         raise OllamuxError(f"{method} {base}{path} answered {exc.code}: {said}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)

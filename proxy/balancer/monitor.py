@@ -249,7 +249,10 @@ class Monitor:
             name = model_key(str(entry.get("name") or entry.get("model", "")))
             size_vram = int(entry.get("size_vram", 0))
             loaded[name] = LoadedModel(
-                name=name, size_vram=size_vram, context_length=int(entry.get("context_length", 0))
+                name=name,
+                size_vram=size_vram,
+                context_length=int(entry.get("context_length", 0)),
+                size=int(entry.get("size", 0)),
             )
             if size_vram:
                 self.book.stats(name).size_vram = size_vram

@@ -62,7 +62,7 @@ class Outliers:
 
     def track(self, instances: Sequence[InstanceState], counter: Counter | None = None) -> None:
         """Watch ``instances`` (all of them: the ejection cap counts them) and count ejections in
-        ``counter`` (``ollamux_ejections_total{instance}``), with a series for each from the start
+        ``counter`` (``ollamux_ejections_total{backend}``), with a series for each from the start
         so that ``increase()`` sees the first one."""
         self._peers = list(instances)
         self._counter = counter

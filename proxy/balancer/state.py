@@ -40,6 +40,8 @@ class LoadedModel:
     name: str
     size_vram: int
     context_length: int
+    size: int = 0
+    """All the bytes it takes; more than ``size_vram`` when part of it spilled to CPU memory."""
 
 
 @dataclass(kw_only=True)

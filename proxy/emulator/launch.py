@@ -30,11 +30,12 @@ from proxy.config import (
 from proxy.emulator.events import ServerSettings
 from proxy.errors import ConfigError, LaunchError
 from proxy.frontdoor import parse_origins
+from proxy.ollama_host import parse_ollama_host
 from proxy.units import DurationError, format_bytes, parse_duration
 
 __all__ = ["EmulateOptions", "EmulatorPlan", "emulate", "parse_gpu", "plan_emulator"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ollamux.emulator")
 
 DEFAULT_LISTEN = "127.0.0.1:11434"
 
@@ -158,6 +159,10 @@ def plan_emulator(options: EmulateOptions, environ: Mapping[str, str]) -> Emulat
             raise ConfigError(str(exc), path="--listen") from None
     elif instance is not None:
         host, port = "127.0.0.1", instance.port
+    elif environ.get("OLLAMA_HOST", "").strip():
+        # As `ollama serve` reads it: `:PORT` listens on every interface, a bare host on 11434.
+        _, host, port = parse_ollama_host(environ["OLLAMA_HOST"])
+        host = host or "0.0.0.0"
     else:
         host, port = parse_listen(DEFAULT_LISTEN)
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from aiohttp import log as aiohttp_log
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
@@ -30,6 +30,7 @@ from proxy.emulator.events import Faults
 from proxy.emulator.store import ModelStore
 from proxy.errors import BadRequest, EmulatorError
 from proxy.frontdoor import DEFAULT_ORIGINS, Origins, cors_headers, front_door
+from proxy.logs import AccessLogger
 
 __all__ = ["build_emulator_app", "run_emulator"]
 
@@ -76,7 +77,8 @@ async def run_emulator(
         app,
         handler_cancellation=True,
         shutdown_timeout=0.5,
-        access_log=aiohttp_log.access_logger if access_log else None,
+        access_log=logging.getLogger("ollamux.emulator.access") if access_log else None,
+        access_log_class=AccessLogger,  # key=value lines, as the proxy's own access log
     )
     await runner.setup()
     try:

@@ -34,7 +34,7 @@ __all__ = [
     "local_gpu_source",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ollamux.gpu")
 
 # NVML's return codes (nvml.h); the module's own constants are used when it has them.
 _LIBRARY_NOT_FOUND = 12

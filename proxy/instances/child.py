@@ -18,17 +18,19 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import aiohttp
 
 from proxy.errors import LaunchError
+from proxy.instances.ports import foreign_listener
 
 if TYPE_CHECKING:
     from proxy.instances.supervisor import RestartPolicy
 
 __all__ = ["PARENT_DEATH_SIGNAL", "Child", "ChildSpec", "describe_exit", "wait_ready"]
 
-log = logging.getLogger("proxy.instances.supervisor")
+log = logging.getLogger("ollamux.supervisor")
 
 _PR_SET_PDEATHSIG = 1
 PARENT_DEATH_SIGNAL = signal.SIGTERM
@@ -61,8 +63,13 @@ async def wait_ready(
     exited: Callable[[], int | None] = lambda: None,
     name: str = "",
     tail: Callable[[], str] = lambda: "",
+    foreign: Callable[[], str] = lambda: "",
 ) -> None:
-    """Poll ``GET url`` until it answers 200; LaunchError if the child exits or time runs out."""
+    """Poll ``GET url`` until it answers 200; LaunchError if the child exits or time runs out.
+
+    ``foreign`` is asked once ``url`` answers: empty when the answer is the child's, else who
+    answers instead (LaunchError at once: the child will not get the port).
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     last = "no answer yet"
@@ -72,7 +79,13 @@ async def wait_ready(
             try:
                 async with session.get(url) as response:
                     if response.status == 200:
-                        return
+                        other = foreign()
+                        if not other:
+                            return
+                        raise LaunchError(
+                            f"instance {name}: {url} is answered by {other}, not by the instance "
+                            "just started; stop that process, or give the instance another port"
+                        )
                     last = f"HTTP {response.status}"
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -170,7 +183,15 @@ class Child:
             exited=lambda: self.returncode,
             name=self.name,
             tail=self.last_output,
+            foreign=self._foreign_listener,
         )
+
+    def _foreign_listener(self) -> str:
+        """Who listens on the health URL's port if not this child's process group, else ""."""
+        port = urlsplit(self.spec.health_url).port
+        if port is None or self.pid is None:
+            return ""
+        return foreign_listener(port, self.pid)  # the child leads its own process group
 
     async def stop(self, timeout: float) -> None:
         """SIGTERM the process group, SIGKILL it after ``timeout``, and reap it."""

@@ -53,13 +53,14 @@ __all__ = [
     "FleetLauncher",
     "FleetPlan",
     "check_connected",
+    "check_ports",
     "plan_fleet",
     "run_fleet",
     "serve",
     "with_listen",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ollamux.fleet")
 
 _SUPERVISED = ("process", "emulated")
 
@@ -117,7 +118,24 @@ def plan_fleet(config: Config) -> FleetPlan:
             plan.children.append(process_child(config, inst, binary))
         else:
             plan.connect.append(inst)
+    check_ports(config)  # every port before anything starts, emulated instances' included
     return plan
+
+
+def check_ports(config: Config, *, fix: str = "") -> None:
+    """LaunchError naming the first port of ``config`` that is held: the proxy's, then each
+    supervised instance's. ``fix`` replaces the usual advice (e.g. `ollamux demo`'s --listen)."""
+    host, port = parse_listen(config.listen)
+    problem = port_problem(host, port)
+    if problem:
+        raise LaunchError(
+            f"the proxy cannot listen on {config.listen}: {problem}; {fix or _LISTEN_FIX}"
+        )
+    for inst in config.instances if config.instances != "auto" else ():
+        if inst.launcher in _SUPERVISED:
+            problem = port_problem("127.0.0.1", inst.port)
+            if problem:
+                raise LaunchError(f"instance {inst.name}: {problem}; {fix or _INSTANCE_FIX}")
 
 
 class FleetLauncher:
@@ -282,6 +300,7 @@ def _check_listen(config: Config) -> None:
         raise LaunchError(f"the proxy cannot listen on {config.listen}: {problem}; {_LISTEN_FIX}")
 
 
+_INSTANCE_FIX = "stop that process, or give the instance another port in the config"
 _LISTEN_FIX = (
     "if the stock Ollama holds it, stop it (sudo systemctl disable --now ollama), "
     "or pass --listen HOST:PORT"

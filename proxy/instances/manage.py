@@ -39,7 +39,8 @@ def run_instances(
         return
     if not name:
         raise ConfigError(f"`ollamux instances {action}` needs the instance's name", path="NAME")
-    entry = call(base, "POST", f"/proxy/instances/{name}/{action}", token=token, timeout=timeout)
+    path = f"/proxy/instances/{name}/{action}"
+    entry = call(base, "POST", path, token=token, timeout=timeout, argument="NAME")
     if action == "drain" and wait:
         entry = _wait_drained(base, name, token, entry, out, timeout=timeout)
     if as_json:

@@ -18,7 +18,7 @@ from proxy.gpu.nvml import NvmlGpu, discover
 
 __all__ = ["FIRST_PORT", "LOCAL", "needs_gpus", "pin", "pin_with_nvml"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ollamux.pinning")
 
 FIRST_PORT = 11435
 LOCAL = ("process", "systemd")
@@ -67,7 +67,7 @@ def _auto(config: Config, gpus: list[NvmlGpu] | None, problem: str) -> tuple[Ins
         raise LaunchError(
             f"{where} NVML finds no GPU to run one Ollama per GPU on: {problem}. List the "
             "instances in a config file (see config/example.yaml), or try the emulated demo box: "
-            "ollamux serve --config config/demo.yaml"
+            "ollamux demo"
         )
     pinned: list[tuple[str, str]] = []
     for gpu in gpus:

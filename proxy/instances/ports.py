@@ -12,7 +12,7 @@ import os
 import socket
 from pathlib import Path
 
-__all__ = ["holder", "port_problem"]
+__all__ = ["foreign_listener", "holder", "port_problem"]
 
 _LISTEN = "0A"
 """TCP_LISTEN in /proc/net/tcp's ``st`` column."""
@@ -39,18 +39,46 @@ def holder(port: int, proc: Path = Path("/proc")) -> str:
     if not inodes:
         return f"another process (see: ss -ltnp 'sport = :{port}')"
     for pid_dir in proc.iterdir():
-        if not pid_dir.name.isdigit():
-            continue
-        try:
-            fds = list((pid_dir / "fd").iterdir())
-        except OSError:  # another user's process, or gone
-            continue
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                link = os.readlink(fd)
-                if link.startswith("socket:[") and link[8:-1] in inodes:
-                    return f"pid {pid_dir.name} ({_command(pid_dir)})"
+        if pid_dir.name.isdigit() and _holds(pid_dir, inodes):
+            return f"pid {pid_dir.name} ({_command(pid_dir)})"
     return f"a process this user cannot see (run as root, or: sudo ss -ltnp 'sport = :{port}')"
+
+
+def foreign_listener(port: int, group: int, proc: Path = Path("/proc")) -> str:
+    """Empty when a process of process group ``group`` listens on ``port``; else who does.
+
+    Tells a child that answers its health check from one that failed to listen while another
+    server answers on its port. Empty too where /proc cannot tell (not Linux).
+    """
+    inodes = _listening_inodes(port, proc)
+    if not inodes or _holds(proc / str(group), inodes):  # the group's leader, as a rule
+        return ""
+    for pid_dir in proc.iterdir():
+        if pid_dir.name.isdigit() and _group(pid_dir) == group and _holds(pid_dir, inodes):
+            return ""
+    return holder(port, proc)
+
+
+def _holds(pid_dir: Path, inodes: set[str]) -> bool:
+    """Whether the process of ``pid_dir`` has one of the sockets ``inodes`` open."""
+    try:
+        fds = list((pid_dir / "fd").iterdir())
+    except OSError:  # another user's process, or gone
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            link = os.readlink(fd)
+            if link.startswith("socket:[") and link[8:-1] in inodes:
+                return True
+    return False
+
+
+def _group(pid_dir: Path) -> int:
+    """The process group of the process of ``pid_dir``; -1 if it is gone."""
+    try:
+        return int((pid_dir / "stat").read_text().rsplit(")", 1)[1].split()[2])
+    except (OSError, IndexError, ValueError):
+        return -1
 
 
 def _listening_inodes(port: int, proc: Path) -> set[str]:

@@ -39,7 +39,7 @@ __all__ = [
     "wait_ready",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ollamux.supervisor")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -53,7 +53,7 @@ from proxy.instances.systemd import (
 
 __all__ = ["install", "ollamux_command", "render_to", "restart_unit", "status", "uninstall"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ollamux.systemd")
 
 MANIFEST = f"{ETC_DIR}/installed.json"
 STOCK = "ollama.service"

@@ -241,9 +241,7 @@ async def test_a_blob_upload_that_cannot_connect_goes_to_the_next_instance(box: 
     status, payload = await post(box.url, path, chunked(data))
     assert status == 201, payload
     assert await status_of("HEAD", str(box.servers[1].make_url(path))) == 200
-    errors = box.sample(
-        "ollamux_upstream_errors_total", {"instance": first.name, "kind": "connect"}
-    )
+    errors = box.sample("ollamux_upstream_errors_total", {"backend": first.name, "kind": "connect"})
     assert errors == 1
 
 

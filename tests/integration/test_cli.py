@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -184,7 +185,7 @@ def test_serve_without_instances_points_at_the_demo(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 1
-    assert "NVML" in result.stderr and "config/demo.yaml" in result.stderr
+    assert "NVML" in result.stderr and "or try the emulated demo box: ollamux demo" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -246,6 +247,34 @@ def test_emulate_answers_and_stops_on_sigterm(spawn: object, tmp_path: Path) -> 
     assert f"starting on http://127.0.0.1:{port} with 2 GPU(s)" in output
     assert "num_parallel=2" in output
     assert "Traceback" not in output
+
+
+@needs_server
+def test_emulate_listens_on_ollama_host_and_logs_key_value_lines(tmp_path: Path) -> None:
+    (port,) = free_ports(1)
+    log = tmp_path / "emulate.log"
+    env = {**ollamux_env(), "OLLAMA_HOST": f"127.0.0.1:{port}"}
+    env.pop("JOURNAL_STREAM", None)
+    argv = [sys.executable, "-m", "proxy", "emulate", "--gpu", "a:24", "--log-level", "info"]
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True
+        )
+    try:
+        assert wait_until_answering(f"http://127.0.0.1:{port}/", proc, log) == "Ollama is running"
+        assert get(f"http://127.0.0.1:{port}/api/version")[0] == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    lines = log.read_text().splitlines()
+    iso = r"time=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d "
+    assert lines and all(re.match(iso + "level=[A-Z]+ logger=ollamux\\.", x) for x in lines), lines
+    access = [x for x in lines if "logger=ollamux.emulator.access " in x]
+    assert any(" method=GET path=/api/version status=200 duration=" in x for x in access), lines
+    assert f"starting on http://127.0.0.1:{port} " in lines[0]
 
 
 @needs_server

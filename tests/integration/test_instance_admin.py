@@ -43,7 +43,7 @@ async def generate(url: str) -> int:
 
 
 def served(box: Farm, name: str) -> float:
-    labels = {"endpoint": "/api/generate", "model": MODEL, "instance": name, "code": "200"}
+    labels = {"endpoint": "/api/generate", "model": MODEL, "backend": name, "code": "200"}
     return box.sample("ollamux_requests_total", labels)
 
 

@@ -43,7 +43,7 @@ async def nothing_left(box: Farm) -> bool:
     data = await status(box)
     held = sum(i["inflight_total"] for i in data["instances"])
     loading = [m for i in data["instances"] for m in i["loading"]]
-    gauges = sum(box.sample("ollamux_inflight", {"instance": i["name"]}) for i in data["instances"])
+    gauges = sum(box.sample("ollamux_inflight", {"backend": i["name"]}) for i in data["instances"])
     return held == 0 and not loading and data["queued"] == 0 and gauges == 0
 
 
@@ -206,7 +206,7 @@ async def test_a_hung_warm_instance_is_left_for_another_with_shipped_deadlines(
         box.engine(holder).faults.hang = True
         reply = await box.ollama().generate(model=MODEL, prompt="hi", options={"num_predict": 2})
         assert reply.eval_count == 2
-        assert box.sample("ollamux_upstream_errors_total", {"instance": holder, "kind": "timeout"})
+        assert box.sample("ollamux_upstream_errors_total", {"backend": holder, "kind": "timeout"})
         assert box.sample("ollamux_retries_total") == 1
         await wait_for(lambda: nothing_left(box))
 
@@ -225,7 +225,7 @@ async def test_a_hung_cold_instance_is_left_after_the_load_deadline(tmp_path: Pa
         other.faults.hang = False
         answer = json.loads(await asyncio.wait_for(waiting, 60))
         assert answer["done"]
-        labels = {"instance": cold, "kind": "timeout"}
+        labels = {"backend": cold, "kind": "timeout"}
         assert box.sample("ollamux_upstream_errors_total", labels) == 1
         assert (await _instance(box, cold))["loading"] == []
         box.engine(cold).faults.hang = False
@@ -243,7 +243,7 @@ async def test_a_stream_that_stalls_is_cut_after_the_idle_deadline(tmp_path: Pat
             rest = await asyncio.wait_for(r.read(), 30)
         last = json.loads(rest.splitlines()[-1])
         assert "error" in last and "stopped answering" in last["error"]
-        labels = {"instance": "gpu0", "kind": "midstream"}
+        labels = {"backend": "gpu0", "kind": "midstream"}
         assert box.sample("ollamux_upstream_errors_total", labels) == 1
         box.engines[0].faults.slow = 1.0
         await wait_for(lambda: nothing_left(box))
@@ -276,9 +276,9 @@ async def test_streams_that_keep_breaking_eject_their_instance(tmp_path: Path) -
             cut += "error" in lines[-1]
             assert code == 200
         errors = "ollamux_upstream_errors_total"
-        broken = box.sample(errors, {"instance": holder, "kind": "midstream"})
+        broken = box.sample(errors, {"backend": holder, "kind": "midstream"})
         assert cut == broken <= 3
-        assert box.sample(errors, {"instance": other, "kind": "midstream"}) == 0
+        assert box.sample(errors, {"backend": other, "kind": "midstream"}) == 0
         assert (await _instance(box, holder))["state"] == "ejected"
 
 
@@ -290,7 +290,7 @@ async def test_a_non_streamed_answer_that_breaks_is_retried_elsewhere(tmp_path: 
         code, raw = await _post(box.url + "/api/generate", body)
         assert code == 200 and json.loads(raw)["eval_count"] == 10
         assert box.sample("ollamux_retries_total") == 1
-        labels = {"instance": holder, "kind": "midstream"}
+        labels = {"backend": holder, "kind": "midstream"}
         assert box.sample("ollamux_upstream_errors_total", labels) == 1
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import platform
 import random
 import re
 import shutil
@@ -25,6 +26,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy import __version__
 from proxy.metrics import LATENCY_BUCKETS
 from proxy.status import CLEAR, fetch_status, render
 from tests.integration.farm import Farm, farm
@@ -67,6 +69,8 @@ FAMILIES = {
     "ollamux_gpu_memory_free_bytes": "gauge",
     "ollamux_gpu_utilization_ratio": "gauge",
     "ollamux_model_loaded": "gauge",
+    "ollamux_model_vram_ratio": "gauge",
+    "ollamux_build_info": "gauge",
 }
 """ARCHITECTURE.md "Metrics", by family name as the text format's parser reports it."""
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
@@ -183,7 +187,16 @@ def free_port() -> int:
 async def test_metrics_count_the_traffic(box: Farm) -> None:
     await traffic(box)
     text = await settled(box)
-    assert {f.name: f.type for f in text_string_to_metric_families(text)} == FAMILIES
+    families = {f.name: f.type for f in text_string_to_metric_families(text)}
+    assert {
+        name: kind for name, kind in families.items() if name.startswith("ollamux_")
+    } == FAMILIES
+    # the proxy's own process, as prometheus_client exports it
+    assert families["process_resident_memory_bytes"] == "gauge"
+    assert families["process_cpu_seconds"] == "counter" and "python_info" in families
+    assert value(text, "process_resident_memory_bytes") > 0
+    build = {"version": __version__, "python": platform.python_version()}
+    assert value(text, "ollamux_build_info", **build) == 1
     ok = {"code": "200"}
     assert value(text, "ollamux_requests_total", **ok) == SENT_OK
     assert value(text, "ollamux_requests_total", endpoint="/api/chat", model=MODEL, **ok) == 3
@@ -216,14 +229,38 @@ async def test_metrics_count_the_traffic(box: Farm) -> None:
         assert 0 <= value(text, "ollamux_gpu_utilization_ratio", gpu=gpu) <= 1
     holder = next(n for n, models in box.loaded().items() if MODEL in models)
     assert value(text, "ollamux_gpu_memory_used_bytes", gpu=holder[-1]) > 1e9
-    assert value(text, "ollamux_model_loaded", instance=holder, model=MODEL) == 1
+    assert value(text, "ollamux_model_loaded", backend=holder, model=MODEL) == 1
+    assert value(text, "ollamux_model_vram_ratio", backend=holder, model=MODEL) == 1  # fits
     assert value(text, "ollamux_instance_up") == 4 and value(text, "ollamux_slots") == 8
     assert value(text, "ollamux_inflight") == 0
     # ejections: a series per instance from the start, so increase() sees the first one
-    ejected = [dict(labels)["instance"] for n, labels in series(text) if n.startswith("ollamux_ej")]
+    ejected = [dict(labels)["backend"] for n, labels in series(text) if n.startswith("ollamux_ej")]
     assert sorted(ejected) == ["gpu0", "gpu1", "gpu2", "gpu3"]
     assert value(text, "ollamux_ejections_total") == 0
     assert value(text, "ollamux_instance_ejected") == 0
+    # and so do the refusals and failed exchanges: 0, not "No data", until the first one
+    rejected = {
+        dict(labels)["reason"] for n, labels in series(text) if n == "ollamux_rejected_total"
+    }
+    assert rejected == {"queue_full", "queue_timeout", "no_instance"}
+    assert value(text, "ollamux_rejected_total") == 0
+    errors = [dict(labels) for n, labels in series(text) if n == "ollamux_upstream_errors_total"]
+    assert len(errors) == 4 * 4 and value(text, "ollamux_upstream_errors_total") == 0
+    assert {e["backend"] for e in errors} == {"gpu0", "gpu1", "gpu2", "gpu3"}
+    # no metric names the Ollama server `instance`: Prometheus keeps that label for the target
+    assert not [n for n, labels in series(text) if "instance" in dict(labels)]
+
+
+async def test_a_model_spilled_to_cpu_shows_in_its_vram_ratio(tmp_path: Path) -> None:
+    async with farm(tmp_path, gpus=(24,)) as box:  # a 43 GB model on a 24 GiB card
+        body = {"model": "llama3.3:70b", "prompt": "hi", "options": {"num_predict": 1}}
+        status, _ = await post(box.url, "/api/generate", {**body, "stream": False})
+        assert status == 200
+        deadline = asyncio.get_running_loop().time() + 5
+        while not (ratio := value(await scrape(box.url), "ollamux_model_vram_ratio")):
+            assert asyncio.get_running_loop().time() < deadline, "no ratio for the model"
+            await asyncio.sleep(0.05)
+        assert 0.3 < ratio < 0.6  # about 22 of 43+ GB on the GPU
 
 
 @needs_promtool
@@ -324,14 +361,14 @@ async def test_rejected_and_cancelled_requests_are_logged_and_counted(
     ) as box:
         body = {"model": MODEL, "prompt": "hi", "options": {"num_predict": 100_000}}
         running = asyncio.ensure_future(post(box.url, "/api/generate", body))
-        await scraped(box, "ollamux_inflight", 1, instance="gpu0")
+        await scraped(box, "ollamux_inflight", 1, backend="gpu0")
         waiting = asyncio.ensure_future(post(box.url, "/api/generate", body))
         await scraped(box, "ollamux_queue_depth", 1, model=MODEL)
         status, _ = await post(box.url, "/api/generate", body)
         assert status == 503
         text = await scrape(box.url)
         assert value(text, "ollamux_rejected_total", reason="queue_full") == 1
-        assert value(text, "ollamux_requests_total", instance="none", code="503") == 1
+        assert value(text, "ollamux_requests_total", backend="none", code="503") == 1
         assert value(text, "ollamux_routing_decisions_total", reason="queued") == 1
         assert value(text, "ollamux_queue_depth", model=MODEL) == 1
         for task in (waiting, running):
@@ -375,9 +412,10 @@ async def test_every_dashboard_and_rule_expression_names_an_exported_metric(box:
     exported = exported_names(await scrape(box.url))
     used: set[str] = set()
     for expr in dashboard_exprs() + rule_exprs():
-        names = set(re.findall(r"\bollamux_\w+", expr))
+        names = set(re.findall(r"\b(?:ollamux|process|python)_\w+", expr))
         assert names or expr.startswith('up{job="ollamux"}'), f"no ollamux metric in {expr!r}"
         assert names <= exported, f"{expr!r} names {names - exported}"
+        assert not re.search(r"\binstance\b", expr), f"{expr!r}: the Ollama server is `backend`"
         used |= names
     # and the dashboard shows every family: one panel or more per metric family
     shown = {n for e in dashboard_exprs() for n in re.findall(r"\bollamux_\w+", e)}
@@ -447,17 +485,28 @@ async def test_real_prometheus_scrapes_the_proxy_with_the_shipped_config(
                 assert proc.returncode is None, (tmp_path / "prometheus.log").read_text()
                 assert asyncio.get_running_loop().time() < deadline, "Prometheus saw no traffic"
                 await asyncio.sleep(0.2)
-            # honor_labels keeps ollamux's own `instance` (the Ollama server) as exported
+            # `backend` is the Ollama server; `job` and `instance` are Prometheus' (honor_labels:
+            # false), the same on every series of the target as on `up`
             result = (await query("ollamux_requests_total"))["data"]["result"]
-            assert {r["metric"]["instance"] for r in result} <= {"gpu0", "gpu1", "gpu2", "gpu3"}
+            assert {r["metric"]["backend"] for r in result} <= {"gpu0", "gpu1", "gpu2", "gpu3"}
             assert all(r["metric"]["proxy"] == "127.0.0.1:11434" for r in result)
+            assert {(r["metric"]["job"], r["metric"]["instance"]) for r in result} == {
+                ("ollamux", target)
+            }
+            assert not [r for r in result if "exported_instance" in r["metric"]]
+            # counters are there at 0 from the start: the "Refused (last 5m)" stat shows 0
+            refused = (await query("sum(ollamux_rejected_total)"))["data"]["result"]
+            assert [float(r["value"][1]) for r in refused] == [0]
             for expr in dashboard_exprs():  # every panel's query runs
                 promql = expr.replace("$proxy", ".*").replace("$__rate_interval", "1m")
                 result = await query(promql)
                 assert result["status"] == "success", (expr, result)
             async with s.get(api + "/api/v1/rules") as r:
                 groups = (await r.json())["data"]["groups"]
-            assert len(groups[0]["rules"]) == 9
+            rules = groups[0]["rules"]
+            assert len(rules) == 10 and all(r["health"] != "err" for r in rules), rules
+            # a healthy box fires nothing (GPU memory full or not)
+            assert not [r["name"] for r in rules if r["state"] != "inactive"]
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
@@ -542,14 +591,16 @@ async def test_status_cli_watch_refreshes_in_place(box: Farm) -> None:
     assert proc.stdout is not None
     seen = b""
     try:
-        while seen.count(CLEAR.encode()) < 3:
+        while seen.count(b"\nINSTANCE ") < 3:
             seen += await asyncio.wait_for(proc.stdout.read(4096), timeout=10)
     finally:
         proc.send_signal(signal.SIGINT)
         await asyncio.wait_for(proc.communicate(), timeout=10)
     assert proc.returncode == 130
-    frames = seen.decode().split(CLEAR)
-    assert all("INSTANCE" in frame for frame in frames[1:3])
+    # piped, not a terminal: plain frames, one after the other, apart by a blank line
+    assert b"\x1b" not in seen and CLEAR.encode() not in seen
+    frames = seen.decode().split("\n\nollamux ")
+    assert len(frames) >= 3 and all("INSTANCE" in frame for frame in frames[:3])
 
 
 async def test_status_cli_without_a_proxy_is_a_clear_error() -> None:

@@ -327,7 +327,7 @@ async def test_status_and_metrics_show_an_ejected_instance(tmp_path: Path) -> No
         later = render(data, now=entry["ejected_until"] + 1)
         assert "ejected (probing)" in next(ln for ln in later.splitlines() if ln.startswith("gpu1"))
 
-        assert f.sample("ollamux_instance_ejected", {"instance": "gpu1"}) == 1
-        assert f.sample("ollamux_instance_up", {"instance": "gpu1"}) == 1
-        assert f.sample("ollamux_ejections_total", {"instance": "gpu1"}) == 1
-        assert f.sample("ollamux_ejections_total", {"instance": "gpu0"}) == 0
+        assert f.sample("ollamux_instance_ejected", {"backend": "gpu1"}) == 1
+        assert f.sample("ollamux_instance_up", {"backend": "gpu1"}) == 1
+        assert f.sample("ollamux_ejections_total", {"backend": "gpu1"}) == 1
+        assert f.sample("ollamux_ejections_total", {"backend": "gpu0"}) == 0

@@ -138,7 +138,7 @@ async def test_eight_chats_spread_so_none_waits_inside_a_backend(box: Farm) -> N
     served = {
         name: box.sample(
             "ollamux_requests_total",
-            {"endpoint": "/api/chat", "model": MODEL, "instance": name, "code": "200"},
+            {"endpoint": "/api/chat", "model": MODEL, "backend": name, "code": "200"},
         )
         for name in ("gpu0", "gpu1", "gpu2", "gpu3")
     }
@@ -193,7 +193,7 @@ async def test_killed_instance_is_skipped(box: Farm) -> None:
         for _ in range(3)
     ]
     assert all(r.eval_count == 2 for r in replies)
-    await wait_for(lambda: box.sample("ollamux_instance_up", {"instance": holder}) == 0)
+    await wait_for(lambda: box.sample("ollamux_instance_up", {"backend": holder}) == 0)
     assert (await client.list()).models  # a dead instance does not stall the model list
 
 

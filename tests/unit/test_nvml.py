@@ -147,7 +147,7 @@ def test_auto_without_nvml_points_at_a_config_and_the_demo() -> None:
         pin(config_from_dict({}), None, "no NVIDIA driver found")
     message = str(info.value)
     assert message.startswith("no config given, and NVML finds no GPU")
-    assert "no NVIDIA driver found" in message and "config/demo.yaml" in message
+    assert "no NVIDIA driver found" in message and "ollamux demo" in message
 
 
 def test_indexes_become_uuids_and_uuids_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:

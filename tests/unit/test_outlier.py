@@ -206,12 +206,12 @@ def test_probe_outcomes_on_an_instance_not_ejected_change_nothing() -> None:
 
 def test_ejections_are_counted_per_instance_from_zero() -> None:
     registry = CollectorRegistry()
-    counter = Counter("ollamux_ejections", "doc", ["instance"], registry=registry)
+    counter = Counter("ollamux_ejections", "doc", ["backend"], registry=registry)
     rec, inst = Recorder(), up()
     rec.outliers.track([inst, up("gpu1")], counter)
 
     def sample(name: str) -> float | None:
-        return registry.get_sample_value("ollamux_ejections_total", {"instance": name})
+        return registry.get_sample_value("ollamux_ejections_total", {"backend": name})
 
     assert sample("gpu0") == 0 and sample("gpu1") == 0
     rec.fail(inst, DEFAULTS.consecutive)

@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
+import platform
 import re
+import sys
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from proxy import __version__, errors
+from proxy.api import auth
 from proxy.api.access import Access, body_model, quote
 from proxy.api.admin import ttft_summary
-from proxy.balancer.state import InstanceState, ModelBook
+from proxy.api.http import rejection_reason
+from proxy.balancer.policies import make_policy
+from proxy.balancer.queue import Dispatcher
+from proxy.balancer.state import InstanceState, LoadedModel, ModelBook
+from proxy.config import QueueConfig, RoutingConfig
 from proxy.gpu import GpuReading
-from proxy.metrics import gpu_families, gpu_readings, model_label
+from proxy.metrics import (
+    AUTH_REASONS,
+    REJECT_REASONS,
+    UPSTREAM_KINDS,
+    LiveCollector,
+    Metrics,
+    gpu_families,
+    gpu_readings,
+    model_label,
+)
 from proxy.status import CLEAR, bar, normalize_url, render, run_status
 
 GIB = 1024**3
@@ -56,6 +74,77 @@ def test_gpu_gauges_use_the_configured_index_once_per_gpu_and_never_collide() ->
     assert get("ollamux_gpu_memory_free_bytes", {"gpu": "0", "uuid": "GPU-b"}) == 23 * GIB
     assert get("ollamux_gpu_memory_total_bytes", {"gpu": "c:0", "uuid": "GPU-d"}) == 24 * GIB
     assert get("ollamux_gpu_utilization_ratio", {"gpu": "1"}) == 0.5
+
+
+def test_counters_start_at_zero_for_every_known_label_value() -> None:
+    registry = CollectorRegistry()
+    Metrics(registry, "vram_queue", ["gpu0", "gpu1"])
+    get = registry.get_sample_value
+    for reason in ("queue_full", "queue_timeout", "no_instance"):
+        assert get("ollamux_rejected_total", {"reason": reason}) == 0
+    for reason in ("no_key", "bad_key", "admin", "inference_only", "model"):
+        assert get("ollamux_auth_refused_total", {"reason": reason}) == 0
+    for backend in ("gpu0", "gpu1"):
+        for kind in ("connect", "timeout", "status", "midstream"):
+            labels = {"backend": backend, "kind": kind}
+            assert get("ollamux_upstream_errors_total", labels) == 0
+    assert get("ollamux_retries_total") == 0
+    # and nothing else: the other counters' label values (models, endpoints) come with traffic
+    counted = [s for m in registry.collect() for s in m.samples if s.name.startswith("ollamux_")]
+    assert sorted({s.value for s in counted}) == [0, 1]  # 1: ollamux_build_info
+    assert len(counted) == 3 + 5 + 2 * 4 + 1 + 1
+
+
+def test_the_zeroed_label_values_are_the_ones_the_code_uses() -> None:
+    # every rejection the router raises, every kind of failed exchange, every auth refusal
+    refusals = _subclasses(errors.RoutingError)
+    assert {rejection_reason(cls("x")) for cls in refusals} == set(REJECT_REASONS)
+    kinds = {cls.kind for cls in _subclasses(errors.UpstreamError)}
+    assert kinds == set(UPSTREAM_KINDS)
+    used = set(re.findall(r'_refuse\(\s*request, auth, \d+, "(\w+)"', inspect.getsource(auth)))
+    assert used == set(AUTH_REASONS)
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
+
+
+def test_build_info_and_process_metrics_in_every_registry() -> None:
+    registries = [CollectorRegistry(), CollectorRegistry()]  # two apps in one process
+    for registry in registries:
+        Metrics(registry, "vram_queue")
+    for registry in registries:
+        get = registry.get_sample_value
+        labels = {"version": __version__, "python": platform.python_version()}
+        assert get("ollamux_build_info", labels) == 1
+        assert get("process_resident_memory_bytes")  # Linux: read from /proc
+        assert get("process_cpu_seconds_total") is not None
+        python = {
+            "implementation": platform.python_implementation(),
+            "major": str(sys.version_info.major),
+            "minor": str(sys.version_info.minor),
+            "patchlevel": str(sys.version_info.micro),
+            "version": platform.python_version(),
+        }
+        assert get("python_info", python) == 1
+
+
+def test_model_vram_ratio_shows_a_model_spilled_to_cpu() -> None:
+    inst = InstanceState(name="gpu0", url="", slots=1)
+    inst.loaded = {
+        "big": LoadedModel(name="big", size=40 * GIB, size_vram=30 * GIB, context_length=0),
+        "small": LoadedModel(name="small", size=GIB, size_vram=GIB, context_length=0),
+        "new": LoadedModel(name="new", size_vram=GIB, context_length=0),  # size not seen yet
+    }
+    book = ModelBook()
+    dispatcher = Dispatcher([inst], make_policy(RoutingConfig()), book, QueueConfig())
+    registry = CollectorRegistry()
+    registry.register(LiveCollector(dispatcher, book))
+    get = registry.get_sample_value
+    assert get("ollamux_model_vram_ratio", {"backend": "gpu0", "model": "big"}) == 0.75
+    assert get("ollamux_model_vram_ratio", {"backend": "gpu0", "model": "small"}) == 1
+    assert get("ollamux_model_vram_ratio", {"backend": "gpu0", "model": "new"}) is None
+    assert get("ollamux_model_loaded", {"backend": "gpu0", "model": "new"}) == 1
 
 
 def test_model_label_is_bounded() -> None:
@@ -220,9 +309,9 @@ def test_watch_redraws_in_place_and_survives_a_missing_proxy(
     monkeypatch.setattr(status, "fetch_status", fake_fetch)
     monkeypatch.setattr(status.time, "sleep", lambda _s: None)
     out = io.StringIO()
-    run_status("x", watch=True, rounds=3, out=out)
+    run_status("x", watch=True, rounds=3, out=out, tty=True, size=lambda: (200, 50))
     frames = out.getvalue().split(CLEAR)
-    assert frames[0] == "" and len(frames) == 4
+    assert frames[0] == "\x1b[?1049h\x1b[?25l" and len(frames) == 4  # the alternate screen
     assert "INSTANCE" in frames[1] and "cannot reach the proxy" in frames[2]
     assert "INSTANCE" in frames[3]
 
