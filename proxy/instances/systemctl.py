@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -92,6 +93,25 @@ def ollamux_command() -> list[str]:
     return [str(Path(found).absolute())] if found else [sys.executable, "-m", "proxy"]
 
 
+def unreachable(command: Sequence[str]) -> str | None:
+    """Why the service user may not be able to start ``command``: a folder on the way to it that
+    other users cannot enter (a virtual environment in a private home), or None."""
+    program = Path(command[0])
+    for folder in program.parents:
+        try:
+            mode = folder.stat().st_mode
+        except OSError:
+            continue
+        if not mode & stat.S_IXOTH:
+            return (
+                f"the unit starts {program}, under {folder} (mode {stat.S_IMODE(mode):o}), which "
+                "other users cannot enter, so the service user cannot start it; install ollamux "
+                "system-wide (pipx install ollamux, or a virtual environment in /opt/ollamux) and "
+                "render the units again from there"
+            )
+    return None
+
+
 def rendered(config: Config, *, strict: bool, account: Account | None = None) -> list[UnitFile]:
     """The files for a pinned ``config``; with ``strict`` a missing ``ollama`` is an error."""
     try:
@@ -101,7 +121,11 @@ def rendered(config: Config, *, strict: bool, account: Account | None = None) ->
             raise
         log.warning("%s; the unit runs %s for now", exc, DEFAULT_OLLAMA)
         ollama = DEFAULT_OLLAMA
-    return render(config, ollama=ollama, ollamux=ollamux_command(), account=account)
+    command = ollamux_command()
+    problem = unreachable(command)
+    if problem:
+        log.warning("%s", problem)
+    return render(config, ollama=ollama, ollamux=command, account=account)
 
 
 def render_to(config_path: str, out: str, *, stdout: TextIO | None = None) -> None:

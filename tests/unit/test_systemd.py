@@ -353,3 +353,19 @@ if __name__ == "__main__":  # python -m tests.unit.test_systemd: rewrite deploy/
         (DEPLOY / name).parent.mkdir(parents=True, exist_ok=True)
         (DEPLOY / name).write_text(text)
         print(f"wrote deploy/systemd/{name}")
+
+
+def test_a_program_in_a_private_folder_is_reported_unreachable(tmp_path: Path) -> None:
+    from proxy.instances.systemctl import unreachable
+
+    home = tmp_path / "home"
+    program = home / "venv" / "bin" / "ollamux"
+    program.parent.mkdir(parents=True)
+    program.write_text("#!/bin/sh\n")
+    home.chmod(0o755)
+    open_home = unreachable([str(program), "serve"])  # pytest's own base folder may be private
+    assert open_home is None or f"under {home} " not in open_home
+    home.chmod(0o700)  # a home directory as most distributions create it
+    problem = unreachable([str(program), "serve"])
+    assert problem is not None and f"under {home} (mode 700)" in problem
+    assert "pipx install ollamux" in problem
