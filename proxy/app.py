@@ -11,7 +11,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from proxy.api import admin, auth, edge, ollama, openai, relay, stopping
+from proxy.api import admin, auth, edge, ollama, openai, relay, stopping, ui
 from proxy.api import instances as instances_api
 from proxy.api.body import limit_middleware
 from proxy.api.clients import raise_open_files_limit, runner_options
@@ -94,7 +94,7 @@ def build_app(
     edge.install(app, config)  # outermost: Host/Origin checks and CORS, as Ollama does them
     app[PROXY] = proxy
     auth.install(app)  # API keys (auth.keys_file): read now, reloaded while serving
-    app.add_routes(ollama.routes() + openai.routes() + admin.routes(registry))
+    app.add_routes(ollama.routes() + openai.routes() + admin.routes(registry) + ui.routes())
     instances_api.install(app, launcher)  # /proxy/instances: list, drain, undrain, restart
     app.router.add_route("*", "/{tail:.*}", _anything_else)
     app.cleanup_ctx.append(_lifecycle)

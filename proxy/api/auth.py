@@ -8,6 +8,9 @@ scheme in any case) and gets 401 with ``WWW-Authenticate: Bearer`` and an Ollama
   answers before this middleware sees them);
 - ``GET /proxy/status``, ``/proxy/instances`` and ``/metrics``, unless ``auth.protect_status``
   (then a key or the admin token);
+- ``GET /proxy/ui`` and its files (``api/ui.py``): they hold no data, and a browser cannot send a
+  key when it opens a page; the page reads ``/proxy/status`` under that endpoint's rule, asking
+  for a key when it needs one;
 - ``POST /proxy/instances/...`` when ``admin_token`` is set: the admin token is its credential
   (see ``api/instances.py``). Without an admin token these need a key without limits.
 
@@ -44,6 +47,7 @@ from multidict import CIMultiDict
 from proxy.api.body import READ_BODY, off_loop, request_body
 from proxy.api.context import PROXY
 from proxy.api.http import error_response
+from proxy.api.ui import PATHS as PAGE
 from proxy.errors import ConfigError
 from proxy.keys import ApiKey, KeySet, load_keys
 from proxy.metrics import Metrics
@@ -195,7 +199,7 @@ def _admin_reads(request: web.Request, auth: Auth, token: str) -> bool:
 def _open(request: web.Request, auth: Auth) -> bool:
     """Requests that need no key even while keys are configured."""
     method, path = request.method, request.path
-    if method == "OPTIONS" or (path == "/" and method in ("GET", "HEAD")):
+    if method == "OPTIONS" or ((path == "/" or path in PAGE) and method in ("GET", "HEAD")):
         return True
     if path in STATUS and method in ("GET", "HEAD"):
         return not auth.protect_status
