@@ -11,6 +11,7 @@ puts a field the last chunk omitted (Go drops empty ``omitempty`` fields).
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 from proxy.assemble.wire import dumps, put
@@ -64,7 +65,7 @@ def error_body(message: str) -> bytes:
     return dumps({"error": message}).encode()
 
 
-class _Builder:
+class _Builder(abc.ABC):
     """What both native endpoints share: the error line, the last chunk, the log probabilities."""
 
     def __init__(self) -> None:
@@ -98,8 +99,9 @@ class _Builder:
         if chunk.get("done") is True:
             self.final = chunk
 
+    @abc.abstractmethod
     def take(self, chunk: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Fold one chunk into the answer (what each endpoint keeps)."""
 
     def with_logprobs(self, order: tuple[str, ...]) -> dict[str, Any]:
         assert self.final is not None

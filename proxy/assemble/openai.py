@@ -15,6 +15,7 @@ A native error in the middle of a /v1 stream reaches the client as one chunk wit
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +42,7 @@ def error_body(status: int, message: str) -> bytes:
     return (dumps({"error": error}) + "\n").encode()
 
 
-class _Builder:
+class _Builder(abc.ABC):
     """The chunk header (id, created, model), the usage chunk, errors and ``[DONE]``."""
 
     def __init__(self) -> None:
@@ -93,10 +94,12 @@ class _Builder:
             self.finish, self.finish_created = reason, chunk.get("created")
 
     def started(self) -> None:
-        """The first chunk arrived."""
+        """The first chunk arrived; a hook that does nothing unless an endpoint needs it."""
+        return None
 
+    @abc.abstractmethod
     def take(self, choice: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Fold one choice into the answer (what each endpoint keeps)."""
 
     def wrap(self, kind: str, created: Any, choice: dict[str, Any]) -> bytes:
         assert self.head is not None
