@@ -10,7 +10,6 @@ fix.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
@@ -18,7 +17,13 @@ from typing import Annotated, ClassVar, Literal
 import yaml
 
 from proxy import yamlfile
-from proxy.config_build import build, strip_path
+from proxy.config_build import build, check, strip_path, unique
+
+# The emulator's sections, re-exported: to its users the schema is one module.
+from proxy.config_emulator import GIB as GIB
+from proxy.config_emulator import EmulatorConfig as EmulatorConfig
+from proxy.config_emulator import GpuSpec as GpuSpec
+from proxy.config_emulator import ModelSpec as ModelSpec
 from proxy.errors import ConfigError
 from proxy.frontdoor import origin_problem
 from proxy.units import DurationError, parse_duration
@@ -32,94 +37,7 @@ Size = Annotated[int, "size"]
 Launcher = Literal["process", "systemd", "external", "emulated"]
 PolicyName = Literal["vram_queue", "least_connections", "round_robin", "random"]
 
-GIB = 1024**3
 MIB = 1024**2
-
-
-@dataclass(frozen=True, kw_only=True)
-class GpuSpec:
-    """An emulated GPU: its memory and its speed relative to the catalogue's reference GPU."""
-
-    name: str
-    memory_gib: float
-    speed: float = 1.0
-    uuid: str = ""
-
-    def __post_init__(self) -> None:
-        _check(self.memory_gib > 0, "memory_gib", "must be > 0, e.g. 24")
-        _check(self.speed > 0, "speed", "must be > 0 (1.0 = the catalogue's reference GPU)")
-        if not self.uuid:
-            digest = hashlib.sha256(self.name.encode()).hexdigest()
-            parts = (digest[:8], digest[8:12], digest[12:16], digest[16:20], digest[20:32])
-            uuid = "GPU-" + "-".join(parts)
-            object.__setattr__(self, "uuid", uuid)
-
-    @property
-    def memory_bytes(self) -> int:
-        return int(self.memory_gib * GIB)
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelSpec:
-    """One model of the emulator's catalogue, with the speeds it reaches on the reference GPU."""
-
-    name: str
-    size_gb: float
-    parameters: str = "8.0B"
-    context_length: int = 131072
-    decode_tps: float = 140.0
-    prompt_tps: float = 7000.0
-    load_gbps: float = 12.0
-    kv_kib_per_token: float = 128.0
-    family: str = "llama"
-    quantization: str = "Q4_K_M"
-    embedding: bool = False
-    embedding_length: int = 4096
-    capabilities: tuple[str, ...] = ()
-    pulled: bool = True
-    digest: str = ""
-
-    def __post_init__(self) -> None:
-        _check(self.size_gb > 0, "size_gb", "must be > 0, e.g. 4.9")
-        for name in ("decode_tps", "prompt_tps", "load_gbps"):
-            _check(getattr(self, name) > 0, name, "must be > 0")
-        _check(self.context_length >= 4, "context_length", "must be >= 4")
-        if not self.digest:
-            object.__setattr__(self, "digest", hashlib.sha256(self.name.encode()).hexdigest())
-        if not self.capabilities:
-            caps = ("embedding",) if self.embedding else ("completion", "tools")
-            object.__setattr__(self, "capabilities", caps)
-
-    @property
-    def size_bytes(self) -> int:
-        return int(self.size_gb * 1e9)
-
-
-@dataclass(frozen=True, kw_only=True)
-class EmulatorConfig:
-    """The emulated box: its GPUs, the model catalogue and the model of time."""
-
-    speed: float = 1.0
-    """Time compression for real-time runs: 10 means a 5 s load takes 0.5 s."""
-    gpus: tuple[GpuSpec, ...] = ()
-    models: tuple[ModelSpec, ...] = ()
-    """Empty means the built-in catalogue (proxy/emulator/catalogue.py)."""
-    spread_penalty: float = 0.06
-    """Per-token slowdown for each extra GPU a model is split over (0.06 = 6 %)."""
-    cpu_slowdown: float = 10.0
-    """How much slower a layer runs when it spilled to system RAM."""
-    registry_gbps: float = 1.0
-    """Download speed of ``/api/pull``."""
-    version: str = "0.32.15"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        _check(self.speed > 0, "speed", "must be > 0, e.g. 1 (real time) or 20")
-        _check(self.spread_penalty >= 0, "spread_penalty", "must be >= 0, e.g. 0.06")
-        _check(self.cpu_slowdown >= 1, "cpu_slowdown", "must be >= 1")
-        _check(self.registry_gbps > 0, "registry_gbps", "must be > 0")
-        _unique([g.name for g in self.gpus], "gpus", "name")
-        _unique([m.name for m in self.models], "models", "name")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,27 +63,27 @@ class InstanceConfig:
     env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check(bool(self.name.strip()), "name", "must not be empty, e.g. gpu0")
-        _check(0 <= self.port <= 65535, "port", "must be a TCP port, 1-65535")
-        _check(self.num_parallel >= 1, "num_parallel", "must be >= 1")
-        _check(self.max_loaded_models >= 0, "max_loaded_models", "must be >= 0 (0 = 3 x GPUs)")
-        _check(self.max_queue >= 1, "max_queue", "must be >= 1")
-        _check(self.context_length >= 0, "context_length", "must be >= 0 (0 = Ollama's default)")
+        check(bool(self.name.strip()), "name", "must not be empty, e.g. gpu0")
+        check(0 <= self.port <= 65535, "port", "must be a TCP port, 1-65535")
+        check(self.num_parallel >= 1, "num_parallel", "must be >= 1")
+        check(self.max_loaded_models >= 0, "max_loaded_models", "must be >= 0 (0 = 3 x GPUs)")
+        check(self.max_queue >= 1, "max_queue", "must be >= 1")
+        check(self.context_length >= 0, "context_length", "must be >= 0 (0 = Ollama's default)")
         try:
             parse_duration(self.keep_alive, env_style=True)
         except DurationError as exc:
             fix = "use e.g. 5m, 1h or -1 (forever)"
             raise ConfigError(f"{exc}; {fix}", path="keep_alive") from None
         for key in ("OLLAMA_HOST", "CUDA_VISIBLE_DEVICES"):
-            _check(key not in self.env, f"env.{key}", "is set by ollamux; use port and gpu instead")
+            check(key not in self.env, f"env.{key}", "is set by ollamux; use port and gpu instead")
         if self.launcher == "external":
-            _check(
+            check(
                 bool(self.url),
                 "url",
                 "is required for launcher external, e.g. http://10.0.0.5:11434",
             )
         else:
-            _check(not self.url, "url", f"is only for launcher external, not {self.launcher}")
+            check(not self.url, "url", f"is only for launcher external, not {self.launcher}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -180,7 +98,7 @@ class RoutingConfig:
     """Distinct instances a request may be tried on before its first byte reaches the client."""
 
     def __post_init__(self) -> None:
-        _check(self.attempts >= 1, "attempts", "must be >= 1, e.g. 3")
+        check(self.attempts >= 1, "attempts", "must be >= 1, e.g. 3")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -192,9 +110,9 @@ class QueueConfig:
     timeout: Duration = 300.0
 
     def __post_init__(self) -> None:
-        _check(self.max_per_model >= 1, "max_per_model", "must be >= 1")
-        _check(self.max_total >= self.max_per_model, "max_total", "must be >= max_per_model")
-        _check(self.timeout > 0, "timeout", "must be > 0, e.g. 5m")
+        check(self.max_per_model >= 1, "max_per_model", "must be >= 1")
+        check(self.max_total >= self.max_per_model, "max_total", "must be >= max_per_model")
+        check(self.timeout > 0, "timeout", "must be > 0, e.g. 5m")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -227,7 +145,7 @@ class TimeoutConfig:
             "connect", "health_interval", "health_timeout", "start", "load", "first_token",
             "idle", "drain",
         ):  # fmt: skip
-            _check(getattr(self, name) > 0, name, "must be > 0, e.g. 5s")
+            check(getattr(self, name) > 0, name, "must be > 0, e.g. 5s")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -241,9 +159,9 @@ class EjectionConfig:
     max: Duration = 300.0
 
     def __post_init__(self) -> None:
-        _check(self.consecutive >= 1, "consecutive", "must be >= 1, e.g. 3")
-        _check(self.base > 0, "base", "must be > 0, e.g. 5s")
-        _check(self.max >= self.base, "max", "must be >= base, e.g. 5m")
+        check(self.consecutive >= 1, "consecutive", "must be >= 1, e.g. 3")
+        check(self.base > 0, "base", "must be > 0, e.g. 5s")
+        check(self.max >= self.base, "max", "must be >= base, e.g. 5m")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -259,8 +177,8 @@ class LimitsConfig:
     headers); a request body that stalls this long gets 408."""
 
     def __post_init__(self) -> None:
-        _check(self.max_body >= 1024, "max_body", "must be at least 1KiB, e.g. 64MiB")
-        _check(self.client_idle > 0, "client_idle", "must be > 0, e.g. 30s")
+        check(self.max_body >= 1024, "max_body", "must be at least 1KiB, e.g. 64MiB")
+        check(self.client_idle > 0, "client_idle", "must be > 0, e.g. 30s")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -273,7 +191,7 @@ class CorsConfig:
     def __post_init__(self) -> None:
         for i, origin in enumerate(self.origins):
             problem = origin_problem(origin)
-            _check(problem is None, f"origins[{i}]", problem or "")
+            check(problem is None, f"origins[{i}]", problem or "")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -288,7 +206,7 @@ class AuthConfig:
 
     def __post_init__(self) -> None:
         path = self.keys_file
-        _check(
+        check(
             path == path.strip() and "\n" not in path,
             "keys_file",
             "must be a file path without spaces around it, e.g. /etc/ollamux/keys.yaml",
@@ -324,13 +242,13 @@ class Config:
         except ValueError as exc:
             raise ConfigError(str(exc), path="listen") from None
         binary = self.ollama_binary
-        _check(
+        check(
             binary == binary.strip() and "\n" not in binary,
             "ollama_binary",
             "must be a path or a command name without spaces around it, e.g. /usr/local/bin/ollama",
         )
         token = self.admin_token
-        _check(
+        check(
             not token or (len(token) >= 16 and not any(c.isspace() for c in token)),
             "admin_token",
             "must be 16 or more characters without spaces, e.g. from: openssl rand -hex 32",
@@ -407,7 +325,7 @@ def _resolve(config: Config) -> Config:
     if config.instances == "auto":
         return config
     instances = list(config.instances)
-    _unique([inst.name for inst in instances], "instances", "name")
+    unique([inst.name for inst in instances], "instances", "name")
     gpu_names = [g.name for g in config.emulator.gpus]
     next_port = 11435
     taken = {inst.port for inst in instances}
@@ -486,19 +404,3 @@ def emulated_gpus(config: Config, instance: InstanceConfig) -> tuple[GpuSpec, ..
     for ref in instance.gpu:
         out.append(config.emulator.gpus[ref] if isinstance(ref, int) else by_name[ref])
     return tuple(out)
-
-
-def _check(ok: bool, path: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(message, path=path)
-
-
-def _unique(values: list[str], path: str, key: str) -> None:
-    seen: dict[str, int] = {}
-    for i, value in enumerate(values):
-        if value in seen:
-            raise ConfigError(
-                f"{value!r} is already used by {path}[{seen[value]}]; each {key} must be unique",
-                path=f"{path}[{i}].{key}",
-            )
-        seen[value] = i

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, Union
 from proxy.errors import ConfigError
 from proxy.units import DurationError, SizeError, parse_duration, parse_size
 
-__all__ = ["build", "strip_path"]
+__all__ = ["build", "check", "strip_path", "unique"]
 
 
 def build(cls: type[Any], raw: object, path: str) -> Any:
@@ -178,3 +178,21 @@ def strip_path(exc: ConfigError) -> str:
     text = str(exc)
     prefix = f"{exc.path}: "
     return text[len(prefix) :] if exc.path and text.startswith(prefix) else text
+
+
+def check(ok: bool, path: str, message: str) -> None:
+    """A ConfigError at ``path`` (relative to the section) unless ``ok``."""
+    if not ok:
+        raise ConfigError(message, path=path)
+
+
+def unique(values: list[str], path: str, key: str) -> None:
+    """A ConfigError naming the second of two list items with the same ``key``."""
+    seen: dict[str, int] = {}
+    for i, value in enumerate(values):
+        if value in seen:
+            raise ConfigError(
+                f"{value!r} is already used by {path}[{seen[value]}]; each {key} must be unique",
+                path=f"{path}[{i}].{key}",
+            )
+        seen[value] = i
