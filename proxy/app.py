@@ -11,12 +11,11 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from proxy.api import admin, auth, edge, ollama, openai, relay, stopping, ui
-from proxy.api import instances as instances_api
+from proxy.api import admin, auth, edge, instance_admin, ollama, openai_routes, relay, stopping, ui
 from proxy.api.body import limit_middleware
 from proxy.api.clients import raise_open_files_limit, runner_options
 from proxy.api.context import PROXY, Proxy
-from proxy.api.http import errors_middleware
+from proxy.api.error_replies import errors_middleware
 from proxy.api.passthrough import passthrough
 from proxy.balancer.monitor import Monitor
 from proxy.balancer.policies import make_policy
@@ -25,8 +24,8 @@ from proxy.balancer.state import InstanceState, ModelBook
 from proxy.config import Config, emulated_gpus, parse_listen
 from proxy.errors import ConfigError
 from proxy.gpu import GpuSource
-from proxy.gpu.http import HttpGpuSource
 from proxy.gpu.nvml import local_gpu_source
+from proxy.gpu.remote import HttpGpuSource
 from proxy.metrics import LiveCollector, Metrics, model_label
 
 log = logging.getLogger("ollamux.proxy")
@@ -67,7 +66,7 @@ def build_app(
     config: Config,
     *,
     registry: CollectorRegistry | None = None,
-    launcher: instances_api.InstanceLauncher | None = None,
+    launcher: instance_admin.InstanceLauncher | None = None,
 ) -> web.Application:
     """The proxy in front of ``config.instances``; the monitor starts with the app."""
     registry = registry if registry is not None else CollectorRegistry()
@@ -94,8 +93,8 @@ def build_app(
     edge.install(app, config)  # outermost: Host/Origin checks and CORS, as Ollama does them
     app[PROXY] = proxy
     auth.install(app)  # API keys (auth.keys_file): read now, reloaded while serving
-    app.add_routes(ollama.routes() + openai.routes() + admin.routes(registry) + ui.routes())
-    instances_api.install(app, launcher)  # /proxy/instances: list, drain, undrain, restart
+    app.add_routes(ollama.routes() + openai_routes.routes() + admin.routes(registry) + ui.routes())
+    instance_admin.install(app, launcher)  # /proxy/instances: list, drain, undrain, restart
     app.router.add_route("*", "/{tail:.*}", _anything_else)
     app.cleanup_ctx.append(_lifecycle)
     return app

@@ -247,7 +247,7 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "systemd":
         _systemd(args)
     elif args.command == "instances":
-        from proxy.instances.manage import run_instances
+        from proxy.instances.admin_client import run_instances
         from proxy.ollama_host import url_from_env
 
         run_instances(

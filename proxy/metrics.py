@@ -20,7 +20,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from proxy import __version__
-from proxy.balancer.queue import Dispatcher
+from proxy.balancer.dispatcher import Dispatcher
 from proxy.balancer.state import InstanceState, ModelBook
 from proxy.gpu import GpuReading
 from proxy.names import model_key
@@ -55,7 +55,7 @@ NO_INSTANCE = "none"
 NO_MODEL = "none"
 """The ``model`` label of a request that names no model at all."""
 REJECT_REASONS = ("queue_full", "queue_timeout", "no_instance")
-"""The ``reason`` values of ``ollamux_rejected_total`` (proxy/api/http.py ``rejection_reason``)."""
+"""The ``reason`` values of ``ollamux_rejected_total`` (``error_replies.rejection_reason``)."""
 UPSTREAM_KINDS = ("connect", "timeout", "status", "midstream")
 """The ``kind`` values of ``ollamux_upstream_errors_total`` (the ``UpstreamError`` kinds)."""
 AUTH_REASONS = ("no_key", "bad_key", "admin", "inference_only", "model")

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from proxy.api.auth import KEY_NAME
 from proxy.api.context import Proxy
-from proxy.api.http import rejection_reason
+from proxy.api.error_replies import rejection_reason
 from proxy.api.stopping import GATE
 from proxy.balancer.state import InstanceState
 from proxy.errors import RoutingError, UpstreamError

@@ -12,7 +12,7 @@ scheme in any case) and gets 401 with ``WWW-Authenticate: Bearer`` and an Ollama
   key when it opens a page; the page reads ``/proxy/status`` under that endpoint's rule, asking
   for a key when it needs one;
 - ``POST /proxy/instances/...`` when ``admin_token`` is set: the admin token is its credential
-  (see ``api/instances.py``). Without an admin token these need a key without limits.
+  (see ``api/instance_admin.py``). Without an admin token these need a key without limits.
 
 A key limited to models gets 403 for a request naming another model (in its body, or the path of
 ``/v1/models/{model}``), and sees only its models in ``/api/tags``, ``/api/ps`` and ``/v1/models``.
@@ -46,7 +46,7 @@ from multidict import CIMultiDict
 
 from proxy.api.body import READ_BODY, off_loop, request_body
 from proxy.api.context import PROXY
-from proxy.api.http import error_response
+from proxy.api.error_replies import error_response
 from proxy.api.ui import PATHS as PAGE
 from proxy.errors import ConfigError
 from proxy.keys import ApiKey, KeySet, load_keys

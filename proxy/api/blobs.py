@@ -21,7 +21,7 @@ from multidict import CIMultiDict
 from proxy.api.access import Access, accounted, begin, count_failure
 from proxy.api.body import stalled
 from proxy.api.context import PROXY, Proxy
-from proxy.api.http import error_response
+from proxy.api.error_replies import error_response
 from proxy.balancer.state import InstanceState, Outcome
 from proxy.errors import (
     BodyIncomplete,

@@ -15,7 +15,7 @@ from aiohttp import web
 from proxy.api.access import Access, accounted, begin, body_model, count_failure, went_away
 from proxy.api.body import request_body
 from proxy.api.context import PROXY, Proxy
-from proxy.api.http import error_response
+from proxy.api.error_replies import error_response
 from proxy.balancer.state import InstanceState, Outcome
 from proxy.errors import NoHealthyInstance, UpstreamError, UpstreamStatus
 from proxy.forward import StreamWatcher, copy

@@ -17,7 +17,7 @@ from aiohttp import web
 from proxy.api.access import accounted, begin
 from proxy.api.body import request_body
 from proxy.api.context import PROXY, Proxy
-from proxy.api.http import error_response
+from proxy.api.error_replies import error_response
 from proxy.api.passthrough import passthrough
 from proxy.balancer.state import InstanceState
 from proxy.names import is_valid, normalize

@@ -24,9 +24,9 @@ from proxy import assemble
 from proxy.api.access import Access, accounted, begin, count_failure, went_away
 from proxy.api.body import ModelRequest, off_loop, parse_model_request, request_body
 from proxy.api.context import PROXY, Proxy
-from proxy.api.http import error_body
+from proxy.api.error_replies import error_body
 from proxy.api.passthrough import given_up, passthrough, unload_everywhere
-from proxy.balancer.queue import Lease
+from proxy.balancer.dispatcher import Lease
 from proxy.balancer.state import Outcome
 from proxy.errors import UpstreamBroken, UpstreamError
 from proxy.forward import BROKEN, Exchange, StreamWatcher, copy

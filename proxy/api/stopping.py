@@ -21,7 +21,7 @@ import logging
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy.api.http import error_response
+from proxy.api.error_replies import error_response
 
 __all__ = [
     "FINAL_WRITES",

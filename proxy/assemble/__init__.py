@@ -5,11 +5,11 @@ a stream (:func:`upstream_body`), so the proxy sees progress and can tell a hang
 an :class:`Assembler` reads that stream and :meth:`Assembler.result` gives the status, body and
 content type Ollama itself answers unstreamed: the same bytes, field order and omitted fields.
 
-Covered: /api/chat, /api/generate (native, :mod:`proxy.assemble.native`), /v1/chat/completions and
-/v1/completions (OpenAI, :mod:`proxy.assemble.openai`). Not covered (:func:`upstream_body` gives
-``None``: forward the request as it came): /v1/responses, /v1/messages, embeddings, every other
-path, ``_debug_render_only`` requests, and bodies whose ``stream`` or ``stream_options`` Ollama
-would refuse (so the client still gets Ollama's own 400).
+Covered: /api/chat, /api/generate (native, :mod:`proxy.assemble.native_answer`),
+/v1/chat/completions and /v1/completions (OpenAI, :mod:`proxy.assemble.openai_answer`). Not covered
+(:func:`upstream_body` gives ``None``: forward the request as it came): /v1/responses,
+/v1/messages, embeddings, every other path, ``_debug_render_only`` requests, and bodies whose
+``stream`` or ``stream_options`` Ollama would refuse (so the client still gets Ollama's own 400).
 
 Pure: no I/O, no asyncio; memory grows with the answer, time is linear in it.
 """
@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from proxy.assemble import native, openai
+from proxy.assemble import native_answer, openai_answer
 from proxy.assemble.wire import Events, Lines, field, loads
 
 __all__ = ["ASSEMBLED", "INCOMPLETE", "Assembler", "upstream_body", "wants_stream"]
@@ -39,7 +39,10 @@ _STREAM_IF_ASKED = frozenset(
 )
 _V1 = frozenset(("/v1/chat/completions", "/v1/completions"))
 _Builder = (
-    native.ChatBuilder | native.GenerateBuilder | openai.ChatBuilder | openai.CompletionBuilder
+    native_answer.ChatBuilder
+    | native_answer.GenerateBuilder
+    | openai_answer.ChatBuilder
+    | openai_answer.CompletionBuilder
 )
 
 
@@ -110,13 +113,13 @@ class Assembler:
         offered = bool(tools)
         self._builder: _Builder
         if path == "/api/chat":
-            self._builder = native.ChatBuilder(tools=offered)
+            self._builder = native_answer.ChatBuilder(tools=offered)
         elif path == "/api/generate":
-            self._builder = native.GenerateBuilder()
+            self._builder = native_answer.GenerateBuilder()
         elif path == "/v1/chat/completions":
-            self._builder = openai.ChatBuilder(tools=offered, clock=clock)
+            self._builder = openai_answer.ChatBuilder(tools=offered, clock=clock)
         else:
-            self._builder = openai.CompletionBuilder()
+            self._builder = openai_answer.CompletionBuilder()
         self._lines = Lines()
         self._events = Events()
         self._status = 200
@@ -184,16 +187,16 @@ class Assembler:
             return self._status, b"".join(self._raw), self._raw_content_type()
         builder = self._builder
         if builder.error is None and builder.finished:
-            ctype = openai.CONTENT_TYPE if self._v1 else native.CONTENT_TYPE
+            ctype = openai_answer.CONTENT_TYPE if self._v1 else native_answer.CONTENT_TYPE
             return 200, builder.body(), ctype
         message = builder.error or INCOMPLETE
         if self._v1:
-            return 500, openai.error_body(500, message), openai.CONTENT_TYPE
-        return 500, native.error_body(message), native.CONTENT_TYPE
+            return 500, openai_answer.error_body(500, message), openai_answer.CONTENT_TYPE
+        return 500, native_answer.error_body(message), native_answer.CONTENT_TYPE
 
     def _add(self, item: bytes | str) -> None:
         builder = self._builder
-        if isinstance(builder, (openai.ChatBuilder, openai.CompletionBuilder)):
+        if isinstance(builder, (openai_answer.ChatBuilder, openai_answer.CompletionBuilder)):
             assert isinstance(item, str)
             builder.add(item)
             return
@@ -224,5 +227,5 @@ class Assembler:
     def _raw_content_type(self) -> str:
         bare = self._content_type.strip().lower() == "application/json"
         if self._status != 200 and not self._v1 and bare:
-            return native.CONTENT_TYPE
+            return native_answer.CONTENT_TYPE
         return self._content_type

@@ -21,9 +21,9 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from proxy.balancer.dispatcher import DecisionHook, Dispatcher, Lease
 from proxy.balancer.outlier import Outliers
 from proxy.balancer.policy import Policy
-from proxy.balancer.queue import DecisionHook, Dispatcher, Lease
 from proxy.balancer.state import InstanceState, LoadedModel, ModelBook, Outcome
 from proxy.config import Config
 from proxy.names import model_key

@@ -22,7 +22,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy.emulator import manage, native, openai
+from proxy.emulator import native_endpoints, openai_endpoints, store_endpoints
 from proxy.emulator.catalogue import Catalogue
 from proxy.emulator.common import STATE, EmulatorState, error_response, json_response
 from proxy.emulator.engine import Engine
@@ -53,9 +53,9 @@ def build_emulator_app(
         middlewares=[front_door(allowed, bind_host), _errors], client_max_size=MAX_BODY
     )
     app[STATE] = EmulatorState(engine=engine, store=store, catalogue=catalogue, version=version)
-    app.add_routes(native.routes())
-    app.add_routes(manage.routes())
-    app.add_routes(openai.routes())
+    app.add_routes(native_endpoints.routes())
+    app.add_routes(store_endpoints.routes())
+    app.add_routes(openai_endpoints.routes())
     app.add_routes(
         [
             web.get("/gpus", _gpus, allow_head=False),
@@ -159,7 +159,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         )
     except EmulatorError as exc:
         if request.path.startswith("/v1/"):
-            return openai.error_response(exc)
+            return openai_endpoints.error_response(exc)
         return error_response(exc.status, exc.message)
     except ConnectionResetError:  # the client left while we wrote: like Ollama, say nothing
         raise asyncio.CancelledError from None

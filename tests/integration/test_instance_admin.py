@@ -12,7 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from proxy.api.instances import is_loopback
+from proxy.api.instance_admin import is_loopback
 from proxy.app import build_app
 from proxy.config import config_from_dict
 from tests.integration.farm import Farm, farm

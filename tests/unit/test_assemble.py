@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from proxy.assemble import INCOMPLETE, Assembler, upstream_body, wants_stream
-from proxy.assemble.openai import MIDSTREAM
+from proxy.assemble.openai_answer import MIDSTREAM
 from proxy.assemble.wire import Events, Lines, dumps, loads
 
 NATIVE = "application/json; charset=utf-8"

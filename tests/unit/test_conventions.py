@@ -7,6 +7,7 @@ import http.server
 import json
 import logging
 import re
+import sys
 import threading
 from collections.abc import Iterator
 from io import StringIO
@@ -250,6 +251,16 @@ def test_every_logger_is_in_the_ollamux_namespace() -> None:
     assert names
     bad = [(f, c) for f, c in names if c and not re.fullmatch(r'"ollamux(\.[a-z_.]+)?"', c)]
     assert bad == []
+
+
+def test_every_module_name_is_unique_and_none_is_a_stdlib_name() -> None:
+    """A reader finds a module from its name alone: `proxy.api.http` vs `proxy.gpu.http` fails."""
+    seen: dict[str, list[str]] = {}
+    for path in sorted((REPO / "proxy").rglob("*.py")):
+        if path.name not in ("__init__.py", "__main__.py"):
+            seen.setdefault(path.stem, []).append(str(path.relative_to(REPO)))
+    assert {stem: paths for stem, paths in seen.items() if len(paths) > 1} == {}
+    assert sorted(stem for stem in seen if stem in sys.stdlib_module_names) == []
 
 
 # --- config: duplicate keys, every problem at once -----------------------------------------------

@@ -9,7 +9,7 @@ import typing
 import pytest
 
 from proxy.balancer.policies import POLICIES, make_policy
-from proxy.balancer.policies.random import RandomChoice
+from proxy.balancer.policies.random_choice import RandomChoice
 from proxy.balancer.policies.round_robin import RoundRobin
 from proxy.balancer.policies.vram_queue import VramQueue
 from proxy.balancer.state import InstanceView, RouteRequest

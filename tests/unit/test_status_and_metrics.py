@@ -16,9 +16,9 @@ from proxy import __version__, errors
 from proxy.api import auth
 from proxy.api.access import Access, body_model, quote
 from proxy.api.admin import ttft_summary
-from proxy.api.http import rejection_reason
+from proxy.api.error_replies import rejection_reason
+from proxy.balancer.dispatcher import Dispatcher
 from proxy.balancer.policies import make_policy
-from proxy.balancer.queue import Dispatcher
 from proxy.balancer.state import InstanceState, LoadedModel, ModelBook
 from proxy.config import QueueConfig, RoutingConfig
 from proxy.gpu import GpuReading

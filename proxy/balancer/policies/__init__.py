@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from proxy.balancer.policies.least_connections import LeastConnections
-from proxy.balancer.policies.random import RandomChoice
+from proxy.balancer.policies.random_choice import RandomChoice
 from proxy.balancer.policies.round_robin import RoundRobin
 from proxy.balancer.policies.vram_queue import VramQueue
 from proxy.balancer.policy import Policy

@@ -35,7 +35,7 @@ from proxy.emulator.common import (
 from proxy.emulator.events import Done, GenerateRequest
 from proxy.emulator.goformat import Raw, dumps, float32_text, go_quote
 from proxy.emulator.gojson import GoType, decode
-from proxy.emulator.native import lookup
+from proxy.emulator.native_endpoints import lookup
 from proxy.emulator.schemas import V1_CHAT, V1_COMPLETION, V1_EMBED
 from proxy.emulator.store import StoredModel
 from proxy.errors import BadRequest, EmulatorError, ModelNotFound

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from proxy.api.context import PROXY, Proxy
-from proxy.api.http import error_response
+from proxy.api.error_replies import error_response
 from proxy.api.ollama import json_response
 from proxy.balancer.state import InstanceState
 from proxy.config import parse_listen

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
+from proxy.balancer.dispatcher import Dispatcher
 from proxy.balancer.policies.vram_queue import VramQueue
-from proxy.balancer.queue import Dispatcher
 from proxy.balancer.state import InstanceState, LoadedModel, ModelBook
 from proxy.config import QueueConfig
 from proxy.errors import NoHealthyInstance, QueueFull, QueueTimeout

@@ -1,6 +1,6 @@
 """`ollamux instances`: list, drain, undrain and restart the instances of a running proxy.
 
-It speaks to the proxy's admin API (:mod:`proxy.api.instances`), with the admin token from
+It speaks to the proxy's admin API (:mod:`proxy.api.instance_admin`), with the admin token from
 ``--token`` or ``$OLLAMUX_ADMIN_TOKEN`` when the proxy wants one.
 """
 
