@@ -89,7 +89,12 @@ class QueueTimeout(RoutingError):
 
 
 class NoHealthyInstance(RoutingError):
-    """Every instance is down or draining."""
+    """Every instance is down, ejected or draining."""
+
+    def __init__(
+        self, message: str = "no healthy Ollama instance is available", *, retry_after: int = 5
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
 
 
 class RequestRefused(OllamuxError):

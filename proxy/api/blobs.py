@@ -65,9 +65,9 @@ async def upload(request: web.Request) -> web.StreamResponse:
     """Stream the body to one routable instance and answer what it answers (201, 200 or 400)."""
     proxy = request.app[PROXY]
     with accounted(proxy, begin(proxy, request, "", reason="blob")) as access:
-        targets = proxy.healthy()[: proxy.config.routing.attempts]
+        targets = proxy.router.routable()[: proxy.config.routing.attempts]
         if not targets:
-            raise NoHealthyInstance("no healthy Ollama instance is available", retry_after=5)
+            raise NoHealthyInstance()
         body = _Body(request.content, proxy.config.limits.client_idle)
         failure: UpstreamError | None = None
         for inst in targets:

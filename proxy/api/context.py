@@ -39,10 +39,6 @@ class Proxy:
     """The last requests answered, as ``/proxy/status`` lists them (see api/access.py)."""
     started_at: float = field(default_factory=time.time)
 
-    def healthy(self) -> list[InstanceState]:
-        """Instances new requests may go to (up, not ejected, not draining)."""
-        return self.router.routable()
-
     def client(self) -> aiohttp.ClientSession:
         assert self.session is not None, "used outside the app's lifetime"
         return self.session

@@ -57,7 +57,9 @@ async def fan_out(proxy: Proxy, path: str) -> list[tuple[InstanceState, Any]]:
             resp.raise_for_status()
             return inst, await resp.json(content_type=None)
 
-    results = await asyncio.gather(*(one(i) for i in proxy.healthy()), return_exceptions=True)
+    results = await asyncio.gather(
+        *(one(i) for i in proxy.router.routable()), return_exceptions=True
+    )
     return [r for r in results if isinstance(r, tuple)]
 
 

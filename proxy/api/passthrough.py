@@ -22,10 +22,6 @@ from proxy.forward import StreamWatcher, copy
 from proxy.names import model_key
 
 
-def _no_instance() -> NoHealthyInstance:
-    return NoHealthyInstance("no healthy Ollama instance is available", retry_after=5)
-
-
 async def passthrough(request: web.Request, body: bytes | None = None) -> web.StreamResponse:
     """Send the request as is to one routable instance (the next one if it cannot be reached)."""
     proxy = request.app[PROXY]
@@ -41,7 +37,7 @@ async def _pass(
     router = proxy.router
     targets = router.routable()[: proxy.config.routing.attempts]
     if not targets:
-        raise _no_instance()
+        raise NoHealthyInstance()
     last: UpstreamError | None = None
     for inst in targets:
         access.instance = inst.name
@@ -95,7 +91,7 @@ async def unload_everywhere(
     holders = [i for i in router.routable() if key in i.loaded] or router.routable()[:1]
     access.reason = "unload"
     if not holders:
-        raise _no_instance()
+        raise NoHealthyInstance()
     access.instance = holders[0].name if len(holders) == 1 else "all"
     headers = {"Content-Type": "application/json"}
     first = proxy.config.timeouts.load

@@ -51,14 +51,14 @@ async def handle(request: web.Request) -> web.StreamResponse:
         stream = data.get("stream", True) is not False
     except (ValueError, AttributeError):
         return await passthrough(request, body)
-    if not isinstance(name, str) or not is_valid(name) or not proxy.healthy():
+    if not isinstance(name, str) or not is_valid(name) or not proxy.router.routable():
         return await passthrough(request, body)
     key = normalize(name).lower()
     pulls: dict[str, _Pull] = proxy.pulls
     job = pulls.get(key)
     with accounted(proxy, begin(proxy, request, name, reason="pull_joined")) as access:
         if job is None or job.done:
-            inst = proxy.healthy()[0]
+            inst = proxy.router.routable()[0]
             job = pulls[key] = _Pull(instance=inst.name)
             upstream_body = json.dumps({**data, "stream": True}).encode()
             job.task = asyncio.get_running_loop().create_task(_run(proxy, inst, job, upstream_body))

@@ -100,7 +100,7 @@ class Dispatcher:
         model = model_key(model)
         excluded = frozenset(exclude)
         if not any(i.routable for i in self._candidates(excluded)):
-            raise NoHealthyInstance("no healthy Ollama instance is available", retry_after=5)
+            raise NoHealthyInstance()
         waiter = _Waiter(
             model, session, excluded, self._clock(), asyncio.get_running_loop().create_future()
         )

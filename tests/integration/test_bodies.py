@@ -235,7 +235,7 @@ async def test_a_blob_larger_than_max_body_streams_to_an_instance(small_limit: F
 
 async def test_a_blob_upload_that_cannot_connect_goes_to_the_next_instance(box: Farm) -> None:
     proxy = box.proxy_server.app[PROXY]
-    first = proxy.healthy()[0]
+    first = proxy.router.routable()[0]
     first.url = "http://127.0.0.1:9"  # refuses connections, before any of the body was read
     data, path = blob(LIMIT)
     status, payload = await post(box.url, path, chunked(data))
