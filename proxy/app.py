@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -17,6 +16,7 @@ from proxy.api.clients import raise_open_files_limit, runner_options
 from proxy.api.context import PROXY, Proxy
 from proxy.api.error_replies import errors_middleware
 from proxy.api.passthrough import passthrough
+from proxy.background import running
 from proxy.balancer.monitor import Monitor
 from proxy.balancer.policies import make_policy
 from proxy.balancer.router import Router
@@ -106,6 +106,29 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
     proxy.session = session
+    try:  # the session closes whatever fails from here on (NVML, the first health round)
+        monitor = Monitor(
+            proxy.instances,
+            proxy.book,
+            session,
+            proxy.config.timeouts,
+            await _gpu_sources(proxy, session),
+            outliers=proxy.router.outliers,
+            on_change=proxy.router.dispatcher.pump,
+            on_down=proxy.router.went_down,
+            on_loaded=proxy.router.saw_loaded,
+        )
+        proxy.monitor = monitor
+        await monitor.check_all()
+        async with running(monitor.run()):
+            yield
+    finally:
+        await session.close()
+
+
+async def _gpu_sources(proxy: Proxy, session: aiohttp.ClientSession) -> dict[str, GpuSource]:
+    """Where the monitor reads each instance's GPU memory: NVML on this host, an emulator's
+    ``/gpus``; instances with neither (external ones) have none."""
     sources: dict[str, GpuSource] = {}
     on_host = {"process", "systemd"} & set(_configured(proxy.config))
     local = await local_gpu_source() if on_host else None  # NVML, where it works
@@ -114,27 +137,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             sources[inst.name] = HttpGpuSource(session, inst.url + "/gpus")
         elif inst_config in on_host and local is not None:
             sources[inst.name] = local
-    monitor = Monitor(
-        proxy.instances,
-        proxy.book,
-        session,
-        proxy.config.timeouts,
-        sources,
-        outliers=proxy.router.outliers,
-        on_change=proxy.router.dispatcher.pump,
-        on_down=proxy.router.went_down,
-        on_loaded=proxy.router.saw_loaded,
-    )
-    proxy.monitor = monitor
-    await monitor.check_all()
-    task = asyncio.get_running_loop().create_task(monitor.run())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await session.close()
+    return sources
 
 
 def _configured(config: Config) -> list[str]:

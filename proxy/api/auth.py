@@ -48,6 +48,7 @@ from proxy.api.body import READ_BODY, off_loop, request_body
 from proxy.api.context import PROXY
 from proxy.api.error_replies import error_response
 from proxy.api.ui import PATHS as PAGE
+from proxy.background import running
 from proxy.errors import ConfigError
 from proxy.keys import ApiKey, KeySet, load_keys
 from proxy.metrics import Metrics
@@ -348,13 +349,10 @@ async def _watching(app: web.Application) -> AsyncIterator[None]:
                     with contextlib.suppress(KeyError):
                         auth.metrics.key_requests.remove(gone)
 
-    task = loop.create_task(watch())
     try:
-        yield
+        async with running(watch()):
+            yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         if on_hup:
             loop.remove_signal_handler(signal.SIGHUP)
 
