@@ -21,7 +21,7 @@ from proxy.balancer.monitor import Monitor
 from proxy.balancer.policies import make_policy
 from proxy.balancer.router import Router
 from proxy.balancer.state import InstanceState, ModelBook
-from proxy.config import Config, emulated_gpus, parse_listen
+from proxy.config import GIB, Config, InstanceConfig, emulated_gpus, parse_listen
 from proxy.errors import ConfigError
 from proxy.gpu import GpuSource
 from proxy.gpu.nvml import local_gpu_source
@@ -54,12 +54,37 @@ def instance_states(config: Config) -> list[InstanceState]:
             InstanceState(
                 name=inst.name,
                 url=url,
-                slots=inst.num_parallel,
+                slots=inst.slots,
+                slots_assumed=not inst.num_parallel and inst.launcher == "external",
                 gpu_uuids=gpus,
                 gpu_labels=labels,
+                store=_store(config, inst),
+                memory_source=_memory_source(inst),
+                memory_capacity=int(inst.memory_gib * GIB),
             )
         )
     return states
+
+
+def _store(config: Config, inst: InstanceConfig) -> str:
+    """Which model store ``inst`` reads: the servers ollamux starts share ``models_dir`` (an
+    emulated one without it keeps its store in memory); external ones have their own unless they
+    name a shared ``store``."""
+    if inst.launcher == "external":
+        return f"store:{inst.store}" if inst.store else f"instance:{inst.name}"
+    if inst.launcher == "emulated" and not config.models_dir:
+        return f"instance:{inst.name}"
+    return "local"
+
+
+def _memory_source(inst: InstanceConfig) -> str:
+    if inst.launcher == "emulated":
+        return "emulator"
+    if inst.launcher != "external":
+        return "nvml"
+    if inst.gpu_source:
+        return "agent"
+    return "memory_gib" if inst.memory_gib else "learned"
 
 
 def build_app(
@@ -128,20 +153,20 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 async def _gpu_sources(proxy: Proxy, session: aiohttp.ClientSession) -> dict[str, GpuSource]:
     """Where the monitor reads each instance's GPU memory: NVML on this host, an emulator's
-    ``/gpus``; instances with neither (external ones) have none."""
+    ``/gpus``, an external server's ``gpu_source`` (an ``ollamux agent``); others have none."""
     sources: dict[str, GpuSource] = {}
-    on_host = {"process", "systemd"} & set(_configured(proxy.config))
+    configured = [] if proxy.config.instances == "auto" else list(proxy.config.instances)
+    on_host = any(i.launcher in ("process", "systemd") for i in configured)
     local = await local_gpu_source() if on_host else None  # NVML, where it works
-    for inst_config, inst in zip(_configured(proxy.config), proxy.instances, strict=True):
-        if inst_config == "emulated":
+    for inst_config, inst in zip(configured, proxy.instances, strict=True):
+        if inst_config.launcher == "emulated":
             sources[inst.name] = HttpGpuSource(session, inst.url + "/gpus")
-        elif inst_config in on_host and local is not None:
+        elif inst_config.gpu_source:
+            url = inst_config.gpu_source.rstrip("/") + "/gpus"
+            sources[inst.name] = HttpGpuSource(session, url, token=inst_config.gpu_source_token)
+        elif inst_config.launcher != "external" and local is not None:
             sources[inst.name] = local
     return sources
-
-
-def _configured(config: Config) -> list[str]:
-    return [] if config.instances == "auto" else [i.launcher for i in config.instances]
 
 
 async def _anything_else(request: web.Request) -> web.StreamResponse:

@@ -47,9 +47,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="start every instance of a config and keep them up",
         description="Start every instance of a config, wait until each answers, route requests "
         "to them on the config's listen address, and keep them up until Ctrl-C or SIGTERM. "
-        "Without --config: one Ollama per NVIDIA GPU found with NVML, on 127.0.0.1:11434.",
+        "With --backend instead of --config: route to Ollama servers that already run. "
+        "With neither: one Ollama per NVIDIA GPU found with NVML, on 127.0.0.1:11434.",
     )
     serve.add_argument("--config", metavar="FILE", help="config file (e.g. config/demo.yaml)")
+    serve.add_argument(
+        "--backend",
+        dest="backends",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="an Ollama server that already runs, e.g. http://10.0.0.5:11434; repeat for each "
+        "(no config file: each is an external instance named HOST-PORT)",
+    )
+    serve.add_argument(
+        "--num-parallel",
+        type=int,
+        metavar="N",
+        help="the --backend servers' OLLAMA_NUM_PARALLEL (default: 1, with a warning)",
+    )
     serve.add_argument(
         "--listen",
         metavar="HOST:PORT",
@@ -126,6 +142,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--interval", type=float, default=2.0, metavar="S", help="with --watch (default: 2)"
     )
     status.add_argument("--json", action="store_true", help="print /proxy/status as JSON")
+    agent = commands.add_parser(
+        "agent",
+        help="serve this host's GPU memory (NVML) as GET /gpus for a proxy on another host",
+        description="Serve this host's NVIDIA GPUs, read with NVML, as GET /gpus in the shape "
+        "the proxy reads (an external instance's gpu_source: http://HOST:11433), until Ctrl-C "
+        "or SIGTERM. Exits 1 when NVML reads no GPU.",
+    )
+    agent.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="default: 127.0.0.1:11433; use 0.0.0.0:11433 to let a proxy on another host read it",
+    )
+    agent.add_argument(
+        "--token",
+        default="",
+        help="require Authorization: Bearer TOKEN on /gpus (default: $OLLAMUX_AGENT_TOKEN; "
+        "the variable keeps it out of the process list)",
+    )
     _add_instance_commands(commands)
     from proxy.keys_cli import add_parser as add_keys_parser
 
@@ -232,14 +266,18 @@ def _dispatch(args: argparse.Namespace) -> None:
 
         sys.stdout.write(check_config(args.file))
     elif args.command == "serve":
-        from proxy.config import Config, load_config
+        from proxy.instances.backends import serve_config
         from proxy.instances.fleet import serve
 
-        serve(load_config(args.config) if args.config else Config(), listen=args.listen)
+        serve(serve_config(args.config, args.backends, args.num_parallel), listen=args.listen)
     elif args.command == "demo":
         from proxy.demo import run_demo
 
         run_demo(listen=args.listen)
+    elif args.command == "agent":
+        from proxy.commands.agent import TOKEN_ENV, run_agent
+
+        run_agent(args.listen, token=args.token or os.environ.get(TOKEN_ENV, ""))
     elif args.command == "gpus":
         from proxy.gpu.report import run_gpus
 

@@ -34,12 +34,16 @@ EXAMPLES: dict[str, str] = {
     "config": "ollamux config check /etc/ollamux/ollamux.yaml",
     "config check": "ollamux config check config/demo.yaml",
     "serve": "ollamux serve --config /etc/ollamux/ollamux.yaml\n"
-    "  ollamux serve                      # no config: one Ollama per NVIDIA GPU (NVML)",
+    "  ollamux serve                      # no config: one Ollama per NVIDIA GPU (NVML)\n"
+    "  ollamux serve --backend http://10.0.0.5:11434 --backend http://10.0.0.6:11434 "
+    "--num-parallel 2",
     "demo": "ollamux demo",
     "emulate": "ollamux emulate --listen 127.0.0.1:11501 --gpu rtx4090:24 --speed 20\n"
     "  OLLAMA_HOST=:11501 ollamux emulate --gpu rtx4090:24",
     "status": "ollamux status --watch\n  OLLAMA_HOST=gpu-box:11434 ollamux status --json",
     "gpus": "ollamux gpus --json",
+    "agent": "OLLAMUX_AGENT_TOKEN=... ollamux agent --listen 0.0.0.0:11433\n"
+    "  curl -H 'Authorization: Bearer ...' http://gpu-box-2:11433/gpus",
     "systemd": "sudo ollamux systemd install --config /etc/ollamux/ollamux.yaml",
     "systemd render": "ollamux systemd render --config ollamux.yaml --out ./units",
     "systemd install": "sudo ollamux systemd install --config /etc/ollamux/ollamux.yaml\n"

@@ -10,6 +10,7 @@ fix.
 from __future__ import annotations
 
 import dataclasses
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
@@ -17,7 +18,7 @@ from typing import Annotated, ClassVar, Literal
 import yaml
 
 from proxy import yamlfile
-from proxy.config_build import build, check, strip_path, unique
+from proxy.config_build import NOT_FROM_YAML, build, check, strip_path, unique
 
 # The emulator's sections, re-exported: to its users the schema is one module.
 from proxy.config_emulator import GIB as GIB
@@ -52,7 +53,10 @@ class InstanceConfig:
     """Loopback port of the instance; 0 = assigned from 11435 upwards."""
     url: str = ""
     """Only for ``external``: where the server already runs."""
-    num_parallel: int = 4
+    num_parallel: int = 0
+    """OLLAMA_NUM_PARALLEL: requests one loaded model serves at once. 0 = 4 for the servers ollamux
+    starts (it sets it); for ``external`` ones, 1 (Ollama's own default since 0.10): set it to the
+    server's value, since Ollama's API does not tell."""
     keep_alive: str = "5m"
     max_loaded_models: int = 0
     max_queue: int = 512
@@ -61,14 +65,36 @@ class InstanceConfig:
     spread: bool = False
     """OLLAMA_SCHED_SPREAD: split every model over all of this instance's GPUs."""
     env: dict[str, str] = field(default_factory=dict)
+    gpu_source: str = ""
+    """Only for ``external``: where its GPUs' memory is read, an ``ollamux agent`` on that host
+    (``http://10.0.0.5:11433``; ollamux reads ``/gpus`` there). ``gpu`` then picks that server's
+    GPUs among the agent's (index or UUID); empty = all of them."""
+    gpu_source_token: str = ""
+    """The agent's ``--token``, when it has one."""
+    memory_gib: float = 0.0
+    """Only for ``external`` without ``gpu_source``: the server's GPU memory, so that ollamux can
+    estimate what is free from what its ``/api/ps`` shows loaded. 0 = learn it from the most the
+    server has held at once (a lower bound: no replica goes there until something loaded)."""
+    store: str = ""
+    """Only for ``external``: a name shared by the servers that use one model directory (a pull
+    through ollamux goes once to each store). Empty = the server has a store of its own."""
+
+    LAUNCHED_ONLY: ClassVar[tuple[str, ...]] = (
+        "port", "keep_alive", "max_loaded_models", "max_queue", "context_length", "spread", "env",
+    )  # fmt: skip
+    """Settings ollamux applies when it starts the server: nothing for ``external`` ones."""
+    EXTERNAL_ONLY: ClassVar[tuple[str, ...]] = (
+        "url", "gpu_source", "gpu_source_token", "memory_gib", "store",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         check(bool(self.name.strip()), "name", "must not be empty, e.g. gpu0")
         check(0 <= self.port <= 65535, "port", "must be a TCP port, 1-65535")
-        check(self.num_parallel >= 1, "num_parallel", "must be >= 1")
+        check(self.num_parallel >= 0, "num_parallel", "must be >= 1 (or 0 for the default)")
         check(self.max_loaded_models >= 0, "max_loaded_models", "must be >= 0 (0 = 3 x GPUs)")
         check(self.max_queue >= 1, "max_queue", "must be >= 1")
         check(self.context_length >= 0, "context_length", "must be >= 0 (0 = Ollama's default)")
+        check(self.memory_gib >= 0, "memory_gib", "must be >= 0, e.g. 24 (0 = learn it)")
         try:
             parse_duration(self.keep_alive, env_style=True)
         except DurationError as exc:
@@ -77,13 +103,75 @@ class InstanceConfig:
         for key in ("OLLAMA_HOST", "CUDA_VISIBLE_DEVICES"):
             check(key not in self.env, f"env.{key}", "is set by ollamux; use port and gpu instead")
         if self.launcher == "external":
+            self._check_external()
+            return
+        for name in self.EXTERNAL_ONLY:
             check(
-                bool(self.url),
-                "url",
-                "is required for launcher external, e.g. http://10.0.0.5:11434",
+                getattr(self, name) == _DEFAULTS[name],
+                name,
+                f"is only for launcher external, not {self.launcher}",
             )
+
+    def _check_external(self) -> None:
+        check(
+            bool(self.url), "url", "is required for launcher external, e.g. http://10.0.0.5:11434"
+        )
+        problem = url_problem(self.url)
+        check(problem is None, "url", f"{problem}, e.g. http://10.0.0.5:11434")
+        if self.gpu_source:
+            problem = url_problem(self.gpu_source)
+            check(problem is None, "gpu_source", f"{problem}, e.g. http://10.0.0.5:11433")
         else:
-            check(not self.url, "url", f"is only for launcher external, not {self.launcher}")
+            check(
+                not self.gpu,
+                "gpu",
+                "picks GPUs among those of gpu_source; set gpu_source (an ollamux agent) "
+                "or leave gpu out",
+            )
+            check(
+                not self.gpu_source_token,
+                "gpu_source_token",
+                "is the token of gpu_source; set gpu_source too",
+            )
+        for name in self.LAUNCHED_ONLY:
+            check(
+                getattr(self, name) == _DEFAULTS[name],
+                name,
+                "does nothing for launcher external: ollamux does not start that server; "
+                "set it where the server runs (its OLLAMA_* environment)",
+            )
+
+    @property
+    def slots(self) -> int:
+        """``num_parallel`` with its default applied."""
+        if self.num_parallel:
+            return self.num_parallel
+        return 1 if self.launcher == "external" else 4
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be an HTTP server's base address, or None when it can."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        return f"{url!r} is not a URL ({exc})"
+    if parts.scheme not in ("http", "https"):
+        return f"{url!r} needs http:// or https:// in front"
+    if not parts.hostname:
+        return f"{url!r} names no host"
+    if parts.query or parts.fragment or parts.username or parts.password:
+        return f"{url!r} must be a plain address without ?query, #fragment or user:password@"
+    return None
+
+
+_DEFAULTS: dict[str, object] = {}
+
+
+_DEFAULTS.update(
+    (f.name, f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+    for f in dataclasses.fields(InstanceConfig)
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -235,6 +323,8 @@ class Config:
     emulator: EmulatorConfig = field(default_factory=EmulatorConfig)
     source: str = ""
     """The file this config came from (set by the loader, not read from YAML)."""
+    warnings: tuple[str, ...] = ()
+    """Settings that are valid but probably not what the operator wants (set by the loader)."""
 
     def __post_init__(self) -> None:
         try:
@@ -306,8 +396,9 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 def config_from_dict(raw: object, *, source: str = "") -> Config:
     """Build a validated Config from already-parsed YAML (a mapping)."""
-    if isinstance(raw, dict) and "source" in raw:
-        raise ConfigError("unknown key 'source'", source=source, path="source")
+    for key in NOT_FROM_YAML:
+        if isinstance(raw, dict) and key in raw:
+            raise ConfigError(f"unknown key {key!r}", source=source, path=key)
     try:
         config = build(Config, raw, "")
         config = dataclasses.replace(config, source=source)
@@ -330,8 +421,15 @@ def _resolve(config: Config) -> Config:
     next_port = 11435
     taken = {inst.port for inst in instances}
     _, listen_port = parse_listen(config.listen)
+    warnings = []
     for i, inst in enumerate(instances):
         where = f"instances[{i}]"
+        if inst.launcher == "external" and not inst.num_parallel:
+            warnings.append(
+                f"{where}.num_parallel: not set for external instance {inst.name}; ollamux assumes "
+                "1 (Ollama's default since 0.10). Set it to that server's OLLAMA_NUM_PARALLEL: "
+                "more than it has makes requests wait inside Ollama, fewer leaves slots idle"
+            )
         if inst.launcher != "external" and inst.port == 0:
             while next_port in taken or next_port == listen_port:
                 next_port += 1
@@ -382,7 +480,7 @@ def _resolve(config: Config) -> Config:
                     path=f"instances[{i}].gpu",
                 )
             seen_gpus.setdefault(key, i)
-    return dataclasses.replace(config, instances=tuple(instances))
+    return dataclasses.replace(config, instances=tuple(instances), warnings=tuple(warnings))
 
 
 def _emulated_gpu_exists(ref: int | str, names: list[str]) -> bool:

@@ -19,6 +19,10 @@ from proxy.units import DurationError, SizeError, parse_duration, parse_size
 __all__ = ["build", "check", "strip_path", "unique"]
 
 
+NOT_FROM_YAML = frozenset({"source", "warnings"})
+"""Fields the loader sets (where the config came from, what it warns about), never YAML keys."""
+
+
 def build(cls: type[Any], raw: object, path: str) -> Any:
     """Build dataclass ``cls`` from a YAML mapping, checking keys and types against annotations.
 
@@ -27,7 +31,7 @@ def build(cls: type[Any], raw: object, path: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"must be a mapping, got {_kind(raw)}", path=path or "(top level)")
     hints = typing.get_type_hints(cls, include_extras=True)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in NOT_FROM_YAML}
     kwargs: dict[str, Any] = {}
     problems: list[ConfigError] = []  # independent fields: every one is checked and reported
     for key, value in raw.items():

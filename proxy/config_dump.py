@@ -8,9 +8,9 @@ from typing import Any
 
 import yaml
 
-from proxy.config import Config, load_config
+from proxy.config import Config, InstanceConfig, load_config
 
-__all__ = ["check_config", "dump_config", "plain"]
+__all__ = ["check_config", "config_tree", "dump_config", "plain"]
 
 
 def check_config(path: str) -> str:
@@ -29,10 +29,26 @@ def dump_config(config: Config) -> str:
     if not config.emulator.models:
         emulator = dataclasses.replace(config.emulator, models=DEFAULT_MODELS)
         config = dataclasses.replace(config, emulator=emulator)
-    tree = plain(config)
-    del tree["source"]
+    tree = config_tree(config)
     header = f"# {config.source}, resolved by ollamux config check\n" if config.source else ""
+    header += "".join(f"# warning: {w}\n" for w in config.warnings)
     return header + yaml.safe_dump(tree, sort_keys=False, allow_unicode=True, width=100)
+
+
+def config_tree(config: Config) -> dict[str, Any]:
+    """The YAML keys of ``config``: without what the loader set, without settings that mean
+    nothing for an instance's launcher."""
+    tree: dict[str, Any] = plain(config)
+    del tree["source"], tree["warnings"]
+    for inst, entry in zip(_instances(config), tree["instances"], strict=False):
+        external = inst.launcher == "external"
+        for key in InstanceConfig.LAUNCHED_ONLY if external else InstanceConfig.EXTERNAL_ONLY:
+            del entry[key]
+    return tree
+
+
+def _instances(config: Config) -> tuple[InstanceConfig, ...]:
+    return () if config.instances == "auto" else config.instances
 
 
 def plain(value: Any) -> Any:

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from proxy.api import blobs, pull, relay
 from proxy.api.context import PROXY, Proxy
-from proxy.api.passthrough import passthrough
+from proxy.api.passthrough import passthrough, to_every_store
 from proxy.balancer.state import InstanceState
 
 FANOUT_TIMEOUT = 3.0
@@ -36,8 +36,8 @@ def routes() -> list[web.RouteDef]:
         web.post("/api/pull", pull.handle),
         web.post("/api/push", passthrough),
         web.post("/api/create", _then_refresh(passthrough)),
-        web.post("/api/copy", _then_refresh(passthrough)),
-        web.delete("/api/delete", _then_refresh(passthrough)),
+        web.post("/api/copy", to_every_store),
+        web.delete("/api/delete", to_every_store),
         web.head("/api/blobs/{digest}", passthrough),
         web.post("/api/blobs/{digest}", blobs.upload),  # streamed, not held to max_body
     ]

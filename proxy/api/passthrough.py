@@ -9,6 +9,7 @@ the client sees one Ollama.
 from __future__ import annotations
 
 import asyncio
+import json
 
 from aiohttp import web
 
@@ -27,7 +28,8 @@ async def passthrough(request: web.Request, body: bytes | None = None) -> web.St
     proxy = request.app[PROXY]
     if body is None:
         body = await request_body(request)
-    with accounted(proxy, begin(proxy, request, body_model(body), reason="passthrough")) as access:
+    model = body_model(body) or request.match_info.get("model", "")  # /v1/models/{model}
+    with accounted(proxy, begin(proxy, request, model, reason="passthrough")) as access:
         return await _pass(proxy, request, body, access)
 
 
@@ -35,7 +37,7 @@ async def _pass(
     proxy: Proxy, request: web.Request, body: bytes, access: Access
 ) -> web.StreamResponse:
     router = proxy.router
-    targets = router.routable()[: proxy.config.routing.attempts]
+    targets = _targets(proxy, access.model)
     if not targets:
         raise NoHealthyInstance()
     last: UpstreamError | None = None
@@ -71,6 +73,20 @@ async def _pass(
     return given_up(request, access, last)
 
 
+Answer = tuple[int, bytes, str]
+"""An instance's status, body and content type."""
+
+
+def _targets(proxy: Proxy, model: str) -> list[InstanceState]:
+    """Where to send a request as is: routable instances that hold the model it names first
+    (``/api/show`` of a model only one store has goes there), the others after them."""
+    routable = proxy.router.routable()
+    if model:
+        holders = proxy.router.holders(model, known=True)
+        routable.sort(key=lambda i: i not in holders)  # stable: configured order within each
+    return routable[: proxy.config.routing.attempts]
+
+
 def given_up(request: web.Request, access: Access, failure: UpstreamError) -> web.Response:
     """The answer when every try failed: the last instance's own 5xx, else a 502 naming it."""
     access.error = f"{failure.instance} {failure.message}"
@@ -88,40 +104,91 @@ async def unload_everywhere(
     proxy = request.app[PROXY]
     router = proxy.router
     key = model_key(model)
-    holders = [i for i in router.routable() if key in i.loaded] or router.routable()[:1]
+    holders = [i for i in router.routable() if key in i.loaded] or _targets(proxy, model)[:1]
     access.reason = "unload"
-    if not holders:
-        raise NoHealthyInstance()
-    access.instance = holders[0].name if len(holders) == 1 else "all"
-    headers = {"Content-Type": "application/json"}
-    first = proxy.config.timeouts.load
+    answers = await _each(request, body, holders, access)
+    for inst, (status, _payload, _type) in answers:
+        if status < 300:
+            router.unloaded(inst, key)
+    return _first_success(request, access, answers)
 
-    async def one(inst: InstanceState) -> tuple[int, bytes]:
+
+async def to_every_store(request: web.Request) -> web.StreamResponse:
+    """``/api/delete`` and ``/api/copy``: once in every store that holds the model it names
+    (one instance per store); the client gets a success if any store did it."""
+    proxy = request.app[PROXY]
+    body = await request_body(request)
+    model = _store_model(body)
+    stores: dict[str, InstanceState] = {}
+    for inst in proxy.router.holders(model, known=True) if model else ():
+        if inst.routable:
+            stores.setdefault(inst.store, inst)
+    if not stores:  # nobody has it (or the body is not what Ollama takes): Ollama answers
+        return await passthrough(request, body)
+    with accounted(proxy, begin(proxy, request, model, reason="every_store")) as access:
+        answers = await _each(request, body, list(stores.values()), access)
+        if proxy.monitor is not None:
+            touched = [i for i in proxy.instances if i.store in stores]
+            await proxy.monitor.refresh_tags(touched)
+        return _first_success(request, access, answers)
+
+
+def _store_model(body: bytes) -> str:
+    """The model a store change concerns: ``model``/``name``, or a copy's ``source``."""
+    model = body_model(body)
+    if model or not body.lstrip().startswith(b"{"):
+        return model
+    try:
+        source = json.loads(body).get("source")
+    except (ValueError, AttributeError):
+        return ""
+    return source if isinstance(source, str) else ""
+
+
+async def _each(
+    request: web.Request, body: bytes, targets: list[InstanceState], access: Access
+) -> list[tuple[InstanceState, Answer]]:
+    """Send the request to every target at once; the answers of those that answered."""
+    proxy = request.app[PROXY]
+    if not targets:
+        raise NoHealthyInstance()
+    access.instance = targets[0].name if len(targets) == 1 else "all"
+    headers = {"Content-Type": "application/json"}
+    deadline = proxy.config.timeouts.load
+
+    async def one(inst: InstanceState) -> Answer:
         exchange = proxy.exchange(inst)
         try:
-            resp = await exchange.open("POST", request.path, headers, body, first=first, idle=first)
-            return resp.status, await resp.read()
+            resp = await exchange.open(
+                request.method, request.path, headers, body, first=deadline, idle=deadline
+            )
+            return resp.status, await resp.read(), resp.headers.get("Content-Type", "")
         except UpstreamStatus as exc:
-            return exc.status, exc.body
+            return exc.status, exc.body, exc.headers.get("Content-Type", "")
         finally:
             exchange.close()
 
-    results = await asyncio.gather(*(one(i) for i in holders), return_exceptions=True)
-    answered = []
-    for inst, result in zip(holders, results, strict=True):
+    results = await asyncio.gather(*(one(i) for i in targets), return_exceptions=True)
+    answers = []
+    for inst, result in zip(targets, results, strict=True):
         if isinstance(result, tuple):
-            answered.append(result)
-            if result[0] < 300:
-                router.unloaded(inst, key)
+            answers.append((inst, result))
         elif isinstance(result, UpstreamError):
             count_failure(proxy, inst, result)
         elif isinstance(result, BaseException):
             raise result
-    if not answered:
+    return answers
+
+
+def _first_success(
+    request: web.Request, access: Access, answers: list[tuple[InstanceState, Answer]]
+) -> web.Response:
+    """One answer for the client: the first success, else the first instance's own answer."""
+    if not answers:
         access.status = 502
-        return error_response(request.path, 502, "no instance answered the unload")
-    status, payload = answered[0]
+        return error_response(request.path, 502, "no instance answered")
+    ordered = sorted((answer for _inst, answer in answers), key=lambda a: a[0] >= 300)
+    status, payload, content_type = ordered[0]
     access.status = status
-    return web.Response(
-        status=status, body=payload, content_type="application/json", charset="utf-8"
-    )
+    headers = {"Content-Type": content_type} if content_type else {}
+    return web.Response(status=status, body=payload or None, headers=headers)

@@ -14,6 +14,7 @@ client gets exactly Ollama's status and error text.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -39,8 +40,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     proxy = request.app[PROXY]
     body = await request_body(request)
     info = await parse_model_request(body, request.headers, request.path)
-    if info is None or not proxy.book.known(info.model):
-        return await passthrough(request, body)
+    if info is None or not proxy.router.holders(info.model):
+        return await passthrough(request, body)  # the instance answers as Ollama does
     with accounted(proxy, begin(proxy, request, info.model)) as access:
         if info.unload:
             return await unload_everywhere(request, body, info.model, access)
@@ -58,7 +59,8 @@ async def _routed(
     tried: list[str] = []
     failure: UpstreamError | None = None
     waited = 0.0  # the queue's wait is one budget for all tries (queue.timeout)
-    for attempt in range(proxy.config.routing.attempts):
+    attempts = proxy.config.routing.attempts
+    for attempt in range(attempts):
         if attempt:
             proxy.metrics.retries.inc()
         wait = proxy.config.queue.timeout - waited
@@ -82,6 +84,16 @@ async def _routed(
                         first=limits.first,
                         idle=limits.idle,
                     )
+                    if resp.status == 404:
+                        answer = await _read_error(resp)
+                        if attempt + 1 < attempts and _elsewhere(proxy, lease, answer):
+                            tried.append(inst.name)
+                            continue
+                        access.status = 404
+                        content_type = resp.headers.get("Content-Type", "application/json")
+                        return web.Response(
+                            status=404, body=answer, headers={"Content-Type": content_type}
+                        )
                     if rebuilt is not None and resp.status < 300:
                         return await _assembled(
                             proxy, request, info.data, exchange, resp, lease, access
@@ -169,6 +181,26 @@ async def _assembled(
     access.status = status
     _account(proxy, lease, access, watcher)
     return web.Response(status=status, body=body, headers={"Content-Type": content_type})
+
+
+async def _read_error(resp: aiohttp.ClientResponse) -> bytes:
+    """The body of an error answer (small: Ollama's one JSON object); empty if it breaks."""
+    try:
+        return await resp.read()
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return b""
+
+
+def _elsewhere(proxy: Proxy, lease: Lease, answer: bytes) -> bool:
+    """The instance does not have the model after all (its list was stale): whether another
+    instance may have it. The stale instance's list is corrected and re-read meanwhile."""
+    if b"not found" not in answer:
+        return False
+    lease.outcome = Outcome.OK  # the instance did nothing wrong: its store changed
+    inst = lease.instance
+    if proxy.monitor is not None:
+        proxy.monitor.recheck_models(inst)
+    return proxy.router.not_found(inst, lease.model)
 
 
 def _started(proxy: Proxy, lease: Lease, status: int) -> None:

@@ -99,7 +99,9 @@ class Dispatcher:
         QueueFull, QueueTimeout or NoHealthyInstance."""
         model = model_key(model)
         excluded = frozenset(exclude)
-        if not any(i.routable for i in self._candidates(excluded)):
+        if not any(i.routable for i in self._candidates(model, excluded)):
+            if any(i.routable for i in self.instances.values()):
+                raise NoHealthyInstance(f"no healthy Ollama instance has model {model!r}")
             raise NoHealthyInstance()
         waiter = _Waiter(
             model, session, excluded, self._clock(), asyncio.get_running_loop().create_future()
@@ -175,8 +177,9 @@ class Dispatcher:
 
     # --- internals ------------------------------------------------------------------------------
 
-    def _candidates(self, exclude: frozenset[str]) -> list[InstanceState]:
-        return [i for name, i in self.instances.items() if name not in exclude]
+    def _candidates(self, model: str, exclude: frozenset[str]) -> list[InstanceState]:
+        """Instances that hold ``model`` (their own store has it), less ``exclude``."""
+        return [i for name, i in self.instances.items() if name not in exclude and i.has(model)]
 
     def _admit(self, model: str) -> None:
         if self.depth(model) >= self.limits.max_per_model:
@@ -196,7 +199,7 @@ class Dispatcher:
         previous = self._sessions.get(waiter.session) if waiter.session else None
         views = [
             inst.view(model, slots=inst.slots, affinity=inst.name == previous)
-            for inst in self._candidates(waiter.exclude)
+            for inst in self._candidates(model, waiter.exclude)
             if inst.routable
         ]
         if not views:

@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from functools import partial
 from typing import Any
 
@@ -21,7 +21,7 @@ import aiohttp
 from proxy.balancer.outlier import Outliers
 from proxy.balancer.state import InstanceState, LoadedModel, ModelBook
 from proxy.config import EjectionConfig, TimeoutConfig
-from proxy.gpu import GpuSource
+from proxy.gpu import GpuReading, GpuSource
 from proxy.names import model_key
 
 log = logging.getLogger("ollamux.health")
@@ -102,12 +102,20 @@ class Monitor:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def refresh_tags(self) -> None:
-        """Re-read every live instance's model list (after a pull, a delete, a copy)."""
+    async def refresh_tags(self, instances: Iterable[InstanceState] | None = None) -> None:
+        """Re-read the model lists of ``instances`` (default: all) that are up (after a pull, a
+        delete, a copy); one that cannot be read keeps its list."""
+        chosen = self.instances if instances is None else instances
         await asyncio.gather(
-            *(self._poll_tags(inst) for inst in self.instances if inst.healthy),
+            *(self._poll_tags(inst) for inst in chosen if inst.healthy),
             return_exceptions=True,
         )
+        self._on_change()
+
+    def recheck_models(self, inst: InstanceState) -> None:
+        """Re-read ``inst``'s model list soon, in the background (it answered "not found" for a
+        model its list had)."""
+        self._spawn("tags", inst, partial(self.refresh_tags, [inst]))
 
     # --- one instance ---------------------------------------------------------------------------
 
@@ -256,12 +264,19 @@ class Monitor:
             )
             if size_vram:
                 self.book.stats(name).size_vram = size_vram
+        if inst.memory_source == "learned":  # the most it held at once: a floor of its memory
+            held = sum(m.size_vram for m in loaded.values())
+            inst.memory_capacity = max(inst.memory_capacity, held)
         self._on_loaded(inst, loaded, asked_at)
 
     async def _poll_tags(self, inst: InstanceState) -> None:
         data = await self._get_json(inst.url + "/api/tags")
+        models = set()
         for entry in data.get("models") or []:
-            self.book.set_file_size(str(entry.get("name", "")), int(entry.get("size", 0)))
+            name = str(entry.get("name") or entry.get("model", ""))
+            self.book.set_file_size(name, int(entry.get("size", 0)))
+            models.add(model_key(name))
+        inst.models = frozenset(models)
 
     async def _poll_version(self, inst: InstanceState) -> None:
         data = await self._get_json(inst.url + "/api/version")
@@ -276,13 +291,18 @@ class Monitor:
         except BaseException:
             inst.gpus = ()  # stale readings must not feed the GPU gauges
             raise
-        mine = [g for g in readings if not inst.gpu_uuids or g.uuid in inst.gpu_uuids]
+        mine = [g for g in readings if _owns(inst, g)]
         inst.gpus = tuple(mine)
         if not mine:
             return
         inst.memory_total = sum(g.memory_total for g in mine)
         inst.memory_free = sum(g.memory_free for g in mine)
         inst.utilization = max(g.utilization for g in mine)
+
+
+def _owns(inst: InstanceState, gpu: GpuReading) -> bool:
+    """Whether ``gpu`` is one of ``inst``'s (named by UUID or index; none named = all)."""
+    return not inst.gpu_uuids or gpu.uuid in inst.gpu_uuids or str(gpu.index) in inst.gpu_uuids
 
 
 def _json_object(raw: bytes) -> dict[str, Any]:

@@ -31,10 +31,20 @@ class Policy(Protocol):
         """Pick among ``instances`` whose ``available`` is true; never return a busy one."""
 
 
+def fits(view: InstanceView, size: int) -> bool:
+    """Whether a model of ``size`` bytes loads on ``view`` without evicting another.
+
+    With its free memory unknown (a server on another host without an agent or ``memory_gib``),
+    an instance with nothing loaded counts as fitting: it is only offered models its own store
+    holds, which its operator put there to run on it.
+    """
+    if view.free_vram is None:
+        return view.loaded_models == 0
+    return view.free_vram >= size
+
+
 def placement_reason(view: InstanceView, request: RouteRequest) -> Reason:
     """What landing on ``view`` means for the model: warm, a load that fits, or an eviction."""
     if view.warm:
         return "warm"
-    if view.free_vram is not None and view.free_vram >= request.est_size:
-        return "cold_fit"
-    return "evict"
+    return "cold_fit" if fits(view, request.est_size) else "evict"

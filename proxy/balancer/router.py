@@ -231,6 +231,24 @@ class Router:
     def routable(self) -> list[InstanceState]:
         return [i for i in self.instances if i.routable]
 
+    def holders(self, model: str, *, known: bool = False) -> list[InstanceState]:
+        """Instances whose store holds ``model``, up or not; ``known``: only those whose list
+        says so (not those whose list was not read yet)."""
+        key = model_key(model)
+        if known:
+            return [i for i in self.instances if i.is_warm(key) or key in (i.models or ())]
+        return [i for i in self.instances if i.has(key)]
+
+    def not_found(self, inst: InstanceState, model: str) -> bool:
+        """``inst`` answered that it does not have ``model``: take it off its list (its monitor
+        re-reads the list) and say whether another routable instance may still have it."""
+        key = model_key(model)
+        if inst.models is not None:
+            inst.models = inst.models - {key}
+        inst.loaded.pop(key, None)
+        self.dispatcher.pump()
+        return any(i.routable and i.has(key) for i in self.instances if i is not inst)
+
     def inflight(self) -> int:
         """Requests holding a slot now, over all instances."""
         return sum(i.inflight_total() for i in self.instances)

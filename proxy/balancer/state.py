@@ -65,6 +65,11 @@ class InstanceState:
     ejected_until: float = 0.0
     ejections: int = 0
     """Ejections since it last served cleanly: each one doubles the next back-off."""
+    store: str = ""
+    """The model store it reads: instances with the same store hold the same models."""
+    models: frozenset[str] | None = None
+    """The models its store holds (its ``/api/tags``, by :func:`~proxy.names.model_key`); None
+    until first read."""
     loaded: dict[str, LoadedModel] = field(default_factory=dict)
     loading: dict[str, int] = field(default_factory=dict)
     """Models the proxy sent a cold request for, not yet seen in /api/ps -> reserved bytes."""
@@ -72,6 +77,13 @@ class InstanceState:
     memory_total: int = 0
     memory_free: int | None = None
     """Bytes free over the instance's GPUs; None until the GPU source answered."""
+    memory_source: str = ""
+    """Where its memory comes from: ``nvml``, ``agent``, ``emulator`` (readings), ``memory_gib``
+    (configured size, use estimated from /api/ps), ``learned`` (the most it held at once)."""
+    memory_capacity: int = 0
+    """Bytes of GPU memory, configured or learned, for an instance without readings."""
+    slots_assumed: bool = False
+    """``slots`` is a default, not the server's known OLLAMA_NUM_PARALLEL."""
     utilization: float = 0.0
     gpus: tuple[GpuReading, ...] = ()
     """What the GPU source last read for this instance's GPUs; empty while it is down."""
@@ -102,11 +114,33 @@ class InstanceState:
     def is_warm(self, model: str) -> bool:
         return model in self.loaded or model in self.loading
 
+    def has(self, model: str) -> bool:
+        """Its store holds ``model`` (or may: its list was not read yet), or it runs it."""
+        return self.models is None or model in self.models or self.is_warm(model)
+
     def free_vram(self) -> int | None:
-        """Free memory less what loads in flight will take (the GPU source cannot see them yet)."""
-        if self.memory_free is None:
+        """Free memory less what loads in flight will take (the GPU source cannot see them yet).
+
+        Without readings: the configured or learned capacity less what /api/ps shows loaded;
+        None when nothing tells.
+        """
+        if self.memory_free is not None:
+            return self.memory_free - sum(self.loading.values())
+        if not self.memory_capacity:
             return None
-        return self.memory_free - sum(self.loading.values())
+        used = sum(m.size_vram for m in self.loaded.values()) + sum(self.loading.values())
+        return self.memory_capacity - used
+
+    def lacks(self) -> list[str]:
+        """The routing signals this instance does not give (for status pages)."""
+        missing = []
+        if self.memory_free is None and not self.memory_capacity:
+            missing.append("gpu memory")
+        elif self.memory_free is None:
+            missing.append(f"gpu memory readings ({self.memory_source})")
+        if self.slots_assumed:
+            missing.append("num_parallel")
+        return missing
 
     def view(self, model: str, *, slots: int, affinity: bool) -> InstanceView:
         busy_models = {m for m, n in self.inflight.items() if n > 0}

@@ -132,6 +132,8 @@ def plan_emulator(options: EmulateOptions, environ: Mapping[str, str]) -> Emulat
     overrides = {
         name: getattr(options, name) for name in _ENV if getattr(options, name) is not None
     }
+    if options.num_parallel is not None and options.num_parallel < 1:
+        raise ConfigError("must be >= 1, e.g. 4", path="--num-parallel")
     try:
         settings_source = dataclasses.replace(base, **overrides)
     except ConfigError as exc:
@@ -175,7 +177,7 @@ def plan_emulator(options: EmulateOptions, environ: Mapping[str, str]) -> Emulat
     emulator = config.emulator
     settings = ServerSettings(
         gpus=gpus,
-        num_parallel=settings_source.num_parallel,
+        num_parallel=settings_source.slots,
         max_loaded_models=settings_source.max_loaded_models,
         max_queue=settings_source.max_queue,
         keep_alive=parse_duration(settings_source.keep_alive, env_style=True),

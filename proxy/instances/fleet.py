@@ -78,6 +78,9 @@ def serve(config: Config, *, listen: str | None = None) -> None:
     """`ollamux serve`: start the instances and the routing proxy; keep them up until stopped."""
     config = pin_with_nvml(with_listen(config, listen))
     env_origins(os.environ)  # a bad OLLAMA_ORIGINS stops us before any instance starts
+    from_file = config.source and not config.source.startswith("--")  # flags name themselves
+    for warning in config.warnings:  # what `config check` prints as `# warning:` lines
+        log.warning("%s%s", f"{config.source}: " if from_file else "", warning)
     plan = plan_fleet(config)
     asyncio.run(run_fleet(config, plan))
 

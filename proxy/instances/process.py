@@ -70,7 +70,7 @@ def instance_env(config: Config, instance: InstanceConfig) -> dict[str, str]:
     env["OLLAMA_HOST"] = f"127.0.0.1:{instance.port}"
     if config.models_dir:
         env["OLLAMA_MODELS"] = models_dir(config)
-    env["OLLAMA_NUM_PARALLEL"] = str(instance.num_parallel)
+    env["OLLAMA_NUM_PARALLEL"] = str(instance.slots)
     env["OLLAMA_KEEP_ALIVE"] = instance.keep_alive
     if instance.max_loaded_models:
         env["OLLAMA_MAX_LOADED_MODELS"] = str(instance.max_loaded_models)

@@ -28,7 +28,7 @@ import yaml
 
 from proxy import __version__
 from proxy.config import Config, InstanceConfig, parse_listen
-from proxy.config_dump import plain
+from proxy.config_dump import config_tree, plain
 from proxy.errors import ConfigError
 from proxy.instances.hardening import HOME_DIRS, ollama_sandbox, proxy_sandbox
 from proxy.instances.pinning import LOCAL
@@ -265,8 +265,8 @@ def _proxy_config(config: Config) -> str:
         dataclasses.replace(inst, launcher="systemd") if inst.launcher in LOCAL else inst
         for inst in config.instances
     )
-    tree = plain(dataclasses.replace(config, instances=instances))
-    del tree["source"], tree["ollama_binary"]
+    tree = config_tree(dataclasses.replace(config, instances=instances))
+    del tree["ollama_binary"]
     if not any(inst.launcher == "emulated" for inst in instances):
         del tree["emulator"]
     text = yaml.safe_dump(tree, sort_keys=False, allow_unicode=True, width=100)

@@ -78,8 +78,16 @@ async def farm(
     context_length: int = 4096,
     limits: dict[str, Any] | None = None,
     auth: dict[str, Any] | None = None,
+    stores: str = "shared",
+    launcher: str = "emulated",
 ) -> AsyncIterator[Farm]:
-    """Start one emulator per GPU (sharing one model store) and the proxy in front of them."""
+    """Start one emulator per GPU and the proxy in front of them.
+
+    ``stores``: ``shared`` (one model directory, as ``models_dir``) or ``separate`` (each keeps
+    its own in memory, as servers on other hosts do). ``launcher``: ``emulated``, or the proxy
+    sees them as ``external`` servers with an agent (``external_agent``: their ``/gpus`` is the
+    ``gpu_source``) or without any memory source (``external``).
+    """
     specs = [GpuSpec(name=f"emu{i}", memory_gib=g) for i, g in enumerate(gpus)]
     catalogue = Catalogue()
     engines: list[Engine] = []
@@ -90,7 +98,7 @@ async def farm(
                 gpus=(spec,), num_parallel=num_parallel, context_length=context_length
             )
             engine = Engine(settings, RealClock(speed))
-            store = ModelStore(tmp_path / "models", catalogue)
+            store = ModelStore(tmp_path / "models" if stores == "shared" else None, catalogue)
             app = build_emulator_app(
                 engine, store, catalogue, version="0.32.15", bind_host="127.0.0.1"
             )
@@ -101,15 +109,9 @@ async def farm(
             servers.append(server)
         raw = {
             "listen": "127.0.0.1:1",
+            "models_dir": str(tmp_path / "models") if stores == "shared" else "",
             "instances": [
-                {
-                    "name": f"gpu{i}",
-                    "launcher": "emulated",
-                    "gpu": i,
-                    "port": s.port,
-                    "num_parallel": num_parallel,
-                }
-                for i, s in enumerate(servers)
+                _instance(i, s.port, launcher, num_parallel) for i, s in enumerate(servers)
             ],
             "emulator": {"gpus": [{"name": s.name, "memory_gib": s.memory_gib} for s in specs]},
             "routing": {"policy": policy, **(routing or {})},
@@ -142,3 +144,13 @@ async def farm(
         finally:
             for client in box.clients:
                 await client.close()
+
+
+def _instance(i: int, port: int, launcher: str, num_parallel: int) -> dict[str, Any]:
+    if launcher == "emulated":
+        where: dict[str, Any] = {"launcher": "emulated", "gpu": i, "port": port}
+    else:
+        where = {"launcher": "external", "url": f"http://127.0.0.1:{port}"}
+        if launcher == "external_agent":
+            where["gpu_source"] = where["url"]  # an emulator serves /gpus as an agent does
+    return {"name": f"gpu{i}", "num_parallel": num_parallel, **where}

@@ -100,7 +100,7 @@ def test_config_check_fills_defaults_and_ports(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     tree = yaml.safe_load(result.stdout)
     assert [i["port"] for i in tree["instances"]] == [11435, 11436]
-    assert tree["instances"][0]["num_parallel"] == 4
+    assert tree["instances"][0]["num_parallel"] == 0  # ollamux's default: 4 for what it starts
     assert tree["timeouts"]["start"] == 60
     assert any(m["name"] == "llama3.1:8b" for m in tree["emulator"]["models"])
 

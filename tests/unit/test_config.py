@@ -62,7 +62,7 @@ def test_instance_defaults() -> None:
     (inst,) = config.instances
     assert inst.launcher == "process"
     assert inst.gpu == (0,)
-    assert inst.num_parallel == 4
+    assert (inst.num_parallel, inst.slots) == (0, 4)  # 0: ollamux's default, 4
     assert inst.keep_alive == "5m"
     assert inst.max_queue == 512
     assert inst.port == 11435
@@ -237,7 +237,7 @@ BAD_CONFIGS = {
         "use e.g. 5m, 1h or -1 (forever)",
     ),
     "value out of range": (
-        "instances:\n  - {name: a, gpu: 0, num_parallel: 0}\n",
+        "instances:\n  - {name: a, gpu: 0, num_parallel: -1}\n",
         "instances[0].num_parallel",
         "must be >= 1",
     ),
@@ -295,3 +295,135 @@ def test_a_retired_key_names_what_replaced_it() -> None:
         ConfigError, match=r"timeouts\.first_byte: is no longer a setting: use load"
     ):
         config_from_dict({"timeouts": {"first_byte": "5m"}}, source="x.yaml")
+
+
+# --- external instances: settings that do nothing, URLs, num_parallel (issue 14) ------------------
+
+SET_LAUNCHED_ONLY: dict[str, Any] = {
+    "port": 11500,
+    "keep_alive": "10m",
+    "max_loaded_models": 2,
+    "max_queue": 10,
+    "context_length": 4096,
+    "spread": True,
+    "env": {"OLLAMA_DEBUG": "1"},
+}
+SET_EXTERNAL_ONLY: dict[str, Any] = {
+    "url": "http://10.0.0.5:11434",
+    "gpu_source": "http://10.0.0.5:11433",
+    "gpu_source_token": "secret",
+    "memory_gib": 24,
+    "store": "nfs",
+}
+EXTERNAL = {"name": "remote", "launcher": "external", "url": "http://10.0.0.5:11434"}
+
+
+def test_the_tables_below_cover_every_launcher_only_setting() -> None:
+    assert sorted(SET_LAUNCHED_ONLY) == sorted(InstanceConfig.LAUNCHED_ONLY)
+    assert sorted(SET_EXTERNAL_ONLY) == sorted(InstanceConfig.EXTERNAL_ONLY)
+
+
+@pytest.mark.parametrize("key", list(SET_LAUNCHED_ONLY))
+def test_a_launched_only_setting_is_rejected_for_external(key: str) -> None:
+    inst = {**EXTERNAL, key: SET_LAUNCHED_ONLY[key]}
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"instances": [inst]}, source="x.yaml")
+    message = str(info.value)
+    assert message.startswith(f"x.yaml: instances[0].{key}: does nothing for launcher external")
+    assert "set it where the server runs" in message
+
+
+@pytest.mark.parametrize("key", [k for k in SET_EXTERNAL_ONLY if k != "gpu_source_token"])
+def test_an_external_only_setting_is_rejected_for_process(key: str) -> None:
+    inst = {"name": "gpu0", "gpu": 0, key: SET_EXTERNAL_ONLY[key]}
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"instances": [inst]}, source="x.yaml")
+    assert str(info.value) == (
+        f"x.yaml: instances[0].{key}: is only for launcher external, not process"
+    )
+
+
+def test_gpu_source_token_is_rejected_for_process() -> None:
+    inst = {"name": "gpu0", "gpu": 0, "gpu_source_token": "secret"}
+    with pytest.raises(ConfigError, match=r"instances\[0\]\.gpu_source_token: is only for"):
+        config_from_dict({"instances": [inst]})
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("10.0.0.5:11434", "'10.0.0.5:11434' needs http:// or https:// in front"),
+        ("ftp://10.0.0.5:11434", "needs http:// or https:// in front"),
+        ("http://", "'http://' names no host"),
+        ("http://10.0.0.5:11434/?keep=1", "without ?query"),
+        ("http://10.0.0.5:99999", "is not a URL"),
+    ],
+)
+def test_an_external_url_is_validated(url: str, says: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"instances": [{**EXTERNAL, "url": url}]}, source="x.yaml")
+    message = str(info.value)
+    assert message.startswith("x.yaml: instances[0].url: "), message
+    assert says in message and "e.g. http://10.0.0.5:11434" in message
+
+
+def test_gpu_source_is_validated_like_url() -> None:
+    inst = {**EXTERNAL, "gpu_source": "10.0.0.5:11433"}
+    with pytest.raises(ConfigError, match=r"instances\[0\]\.gpu_source: .*needs http://"):
+        config_from_dict({"instances": [inst]})
+
+
+def test_good_external_urls_pass() -> None:
+    for url in ("http://10.0.0.5:11434", "https://gpu-box/ollama/", "http://[::1]:11434"):
+        config_from_dict({"instances": [{**EXTERNAL, "url": url}]})
+
+
+def test_gpu_of_an_external_instance_needs_gpu_source() -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"instances": [{**EXTERNAL, "gpu": 0}]}, source="x.yaml")
+    assert str(info.value).startswith("x.yaml: instances[0].gpu: picks GPUs among those of")
+    assert "set gpu_source" in str(info.value)
+    with_source = {**EXTERNAL, "gpu": 0, "gpu_source": "http://10.0.0.5:11433"}
+    config_from_dict({"instances": [with_source]})  # picks the agent's GPU 0
+
+
+def test_an_external_instance_without_num_parallel_warns_and_assumes_1() -> None:
+    config = config_from_dict({"instances": [EXTERNAL, {"name": "gpu0", "gpu": 0}]})
+    assert config.instances != "auto"
+    assert [inst.slots for inst in config.instances] == [1, 4]
+    (warning,) = config.warnings  # the launched one is not warned about: ollamux sets it
+    assert warning.startswith("instances[0].num_parallel: not set for external instance remote")
+    assert "OLLAMA_NUM_PARALLEL" in warning
+
+
+def test_an_external_instance_with_num_parallel_does_not_warn() -> None:
+    config = config_from_dict({"instances": [{**EXTERNAL, "num_parallel": 2}]})
+    assert config.instances != "auto"
+    assert config.instances[0].slots == 2
+    assert config.warnings == ()
+
+
+def test_config_check_of_an_external_instance(write: Any) -> None:
+    full = {**EXTERNAL, "gpu_source": "http://10.0.0.5:11433", "memory_gib": 24, "store": "nfs"}
+    other = {**EXTERNAL, "name": "b", "url": "http://b:1"}
+    path = write(yaml.safe_dump({"instances": [full, other]}))
+    config = load_config(path)
+    text = dump_config(config)
+    header = [line for line in text.splitlines() if line.startswith("#")]
+    assert header[0] == f"# {path}, resolved by ollamux config check"
+    assert header[1].startswith("# warning: instances[0].num_parallel: not set")
+    assert header[2].startswith("# warning: instances[1].num_parallel: not set")
+    tree = yaml.safe_load(text)
+    for inst in tree["instances"]:
+        assert not set(inst) & set(InstanceConfig.LAUNCHED_ONLY), inst
+    assert tree["instances"][0]["gpu_source"] == "http://10.0.0.5:11433"
+    assert tree["instances"][0]["store"] == "nfs"
+    again = config_from_dict(tree, source=config.source)  # the dump loads back as it was
+    emulator = dataclasses.replace(config.emulator, models=DEFAULT_MODELS)
+    assert again == dataclasses.replace(config, emulator=emulator)
+
+
+def test_config_check_of_a_launched_instance_shows_no_external_keys() -> None:
+    tree = yaml.safe_load(dump_config(config_from_dict({"instances": [{"name": "g", "gpu": 0}]})))
+    assert not set(tree["instances"][0]) & set(InstanceConfig.EXTERNAL_ONLY)
+    assert tree["instances"][0]["port"] == 11435

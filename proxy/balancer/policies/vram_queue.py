@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from proxy.balancer.policy import Decision
+from proxy.balancer.policy import Decision, fits
 from proxy.balancer.state import InstanceView, RouteRequest
 from proxy.config import RoutingConfig
 
@@ -38,23 +38,23 @@ class VramQueue:
         if warm_free:
             return self._warm(warm_free)
         can_load = [v for v in available if not v.warm and not v.loading]
-        fits = [v for v in can_load if v.free_vram is not None and v.free_vram >= request.est_size]
+        fitting = [v for v in can_load if fits(v, request.est_size)]
         if warm:
-            if not (self.scale_out and fits):
+            if not (self.scale_out and fitting):
                 return None
             # A GPU with nothing loaded loses nothing by taking a replica: fill it at once.
             # Elsewhere the replica must pay for itself: the wait behind the warm ones must
             # exceed its load time.
-            empty = [v for v in fits if v.loaded_models == 0]
+            empty = [v for v in fitting if v.loaded_models == 0]
             if empty:
                 return Decision(_roomiest(empty).name, "scale_out")
             capacity = sum(v.slots for v in warm)
             expected_wait = (request.queued_ahead + 1) * request.service_s / capacity
             if expected_wait <= request.load_s:
                 return None
-            return Decision(_roomiest(fits).name, "scale_out")
-        if fits:
-            return Decision(_roomiest(fits).name, "cold_fit")
+            return Decision(_roomiest(fitting).name, "scale_out")
+        if fitting:
+            return Decision(_roomiest(fitting).name, "cold_fit")
         if can_load:
             calmest = min(can_load, key=lambda v: (v.inflight, -v.idle_models, -(v.free_vram or 0)))
             return Decision(calmest.name, "evict")
