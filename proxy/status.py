@@ -146,8 +146,39 @@ def render(
         if not fits(recent):
             recent = _recent(data["recent"], now, narrow=True, colour=colour)
         recent.insert(0, "Recent requests (newest first):")
-    lines = [header, "", *table, "", f"Queues: {waiting}"] + (["", *recent] if recent else [])
-    return "\n".join(_fit(lines, width, height, essential=2 + len(table))) + "\n"
+    lacking = _lacking(instances)
+    lines = [header, "", *table, *lacking, "", f"Queues: {waiting}"]
+    lines += ["", *recent] if recent else []
+    essential = 2 + len(table) + len(lacking)
+    return "\n".join(_fit(lines, width, height, essential=essential)) + "\n"
+
+
+FIXES = {
+    "gpu memory": "run `ollamux agent` there and set gpu_source, or set memory_gib",
+    "num_parallel": "set num_parallel to its OLLAMA_NUM_PARALLEL",
+}
+
+
+def _lacking(instances: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per instance that does not give the router every signal, with the fix."""
+    lines = []
+    for inst in instances:
+        lacks = [str(x) for x in inst.get("lacks") or []]
+        fixes = [FIXES[x] for x in lacks if x in FIXES]
+        if lacks:
+            fix = f" ({'; '.join(fixes)})" if fixes else ""
+            lines.append(f"{inst.get('name', '?')} lacks {', '.join(lacks)}{fix}")
+    return lines
+
+
+def _estimate(inst: dict[str, Any]) -> str:
+    """The memory cell of an instance without GPU readings: its estimate, if it has one."""
+    capacity = int(inst.get("memory_capacity") or 0)
+    free = inst.get("free_estimate")
+    if not capacity or free is None:
+        return "(no GPU reading)"
+    used = capacity - int(free)
+    return f"~{used / GIB:.1f}/{capacity / GIB:.1f} GiB ({inst.get('memory_source', '')})"
 
 
 def _fit(lines: list[str], width: int | None, height: int | None, essential: int = 0) -> list[str]:
@@ -239,7 +270,7 @@ def _instances(
         )
         gpus = inst.get("gpus") or []
         if not gpus:
-            rows.append([*first, "-", "(no GPU reading)", *([] if narrow else [""]), *last])
+            rows.append([*first, "-", _estimate(inst), *([] if narrow else [""]), *last])
         for i, gpu in enumerate(gpus):
             cells = (first, last) if i == 0 else (["", ""], [""] * len(last))
             rows.append([*cells[0], *_gpu_cells(gpu, narrow=narrow), *cells[1]])

@@ -57,11 +57,10 @@ async def _routed(
         rebuilt = await off_loop(len(body), assemble.upstream_body, request.path, info.data)
     silent = not info.stream and rebuilt is None and request.path.startswith(_GENERATES)
     tried: list[str] = []
-    failure: UpstreamError | None = None
     waited = 0.0  # the queue's wait is one budget for all tries (queue.timeout)
-    attempts = proxy.config.routing.attempts
-    for attempt in range(attempts):
-        if attempt:
+    failures = 0  # routing.attempts bounds the tries that failed; a stale model list is no failure
+    while True:
+        if tried:
             proxy.metrics.retries.inc()
         wait = proxy.config.queue.timeout - waited
         async with router.lease(
@@ -86,7 +85,7 @@ async def _routed(
                     )
                     if resp.status == 404:
                         answer = await _read_error(resp)
-                        if attempt + 1 < attempts and _elsewhere(proxy, lease, answer):
+                        if _elsewhere(proxy, lease, answer, tried):
                             tried.append(inst.name)
                             continue
                         access.status = 404
@@ -103,11 +102,11 @@ async def _routed(
                     lease.outcome = Outcome(exc.kind)
                     count_failure(proxy, inst, exc)
                     tried.append(inst.name)
-                    failure = exc
+                    failures += 1
+                    if failures >= proxy.config.routing.attempts:
+                        return given_up(request, access, exc)
                 finally:
                     exchange.close()
-    assert failure is not None
-    return given_up(request, access, failure)
 
 
 async def _streamed(
@@ -191,16 +190,16 @@ async def _read_error(resp: aiohttp.ClientResponse) -> bytes:
         return b""
 
 
-def _elsewhere(proxy: Proxy, lease: Lease, answer: bytes) -> bool:
+def _elsewhere(proxy: Proxy, lease: Lease, answer: bytes, tried: list[str]) -> bool:
     """The instance does not have the model after all (its list was stale): whether another
-    instance may have it. The stale instance's list is corrected and re-read meanwhile."""
+    instance not ``tried`` may have it. The stale list is corrected and re-read meanwhile."""
     if b"not found" not in answer:
         return False
     lease.outcome = Outcome.OK  # the instance did nothing wrong: its store changed
     inst = lease.instance
     if proxy.monitor is not None:
         proxy.monitor.recheck_models(inst)
-    return proxy.router.not_found(inst, lease.model)
+    return proxy.router.not_found(inst, lease.model, tried=tried)
 
 
 def _started(proxy: Proxy, lease: Lease, status: int) -> None:

@@ -239,15 +239,16 @@ class Router:
             return [i for i in self.instances if i.is_warm(key) or key in (i.models or ())]
         return [i for i in self.instances if i.has(key)]
 
-    def not_found(self, inst: InstanceState, model: str) -> bool:
+    def not_found(self, inst: InstanceState, model: str, *, tried: Iterable[str] = ()) -> bool:
         """``inst`` answered that it does not have ``model``: take it off its list (its monitor
-        re-reads the list) and say whether another routable instance may still have it."""
+        re-reads the list) and say whether a routable instance not ``tried`` may have it."""
         key = model_key(model)
         if inst.models is not None:
             inst.models = inst.models - {key}
         inst.loaded.pop(key, None)
         self.dispatcher.pump()
-        return any(i.routable and i.has(key) for i in self.instances if i is not inst)
+        skip = {inst.name, *tried}
+        return any(i.routable and i.has(key) for i in self.instances if i.name not in skip)
 
     def inflight(self) -> int:
         """Requests holding a slot now, over all instances."""

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import chaos, report
+from benchmarks import chaos, fleet, report
 from benchmarks.chaos_faults import kill
 from benchmarks.chaos_plan import QUICK, Ctx
 from benchmarks.contenders import LOWER_BOUND, Box, nginx_binary
+from benchmarks.fleet_box import SINGLE, Code, start_fleet
+from benchmarks.procs import ROOT
 from benchmarks.routing import run_scenario
 from benchmarks.workload import Size, head, open_webui_scenario
 from tests.processes import alive
@@ -85,3 +87,21 @@ async def test_chaos_kill_runs_and_leaves_no_process(tmp_path: Path) -> None:
     assert row["inflight_left"] is not None
     assert row["pids"] and not any(alive(pid) for pid in row["pids"])
     assert "| kill |" in chaos.table({"rows": [row]})
+
+
+async def test_fleet_routes_a_model_only_one_server_holds(tmp_path: Path) -> None:
+    """The fleet benchmark's chats on the working tree: 2 chats, one on the model only b2 has."""
+    sizes = dataclasses.replace(fleet.QUICK, speed=50.0, chats=2, shows=1, stale=2)
+    code = Code(label="after", src=ROOT)
+    box = await start_fleet(code, tmp_path, speed=sizes.speed, gpu_source=True)
+    try:
+        doc = await fleet.measure(box, fleet.chats, sizes, "smoke")
+    finally:
+        box.stop()
+    assert (doc["sent"], doc["failed"]) == (6, 0), doc["errors"]
+    assert doc["per_backend_by_model"][SINGLE] == {"b0": 0, "b1": 0, "b2": 3}
+    assert doc["show_statuses"] == [200]
+    assert doc["stale"]["ok"] == 2, doc["errors"]
+    run = {"rev": "", "src": "x", "gpu_source": True, "chats": doc, "one_model": doc}
+    whole = {"speed": sizes.speed, "sizes": dataclasses.asdict(sizes), "runs": {"after": run}}
+    assert "| A: ok / sent | 6 / 6 |" in fleet.table(whole)

@@ -157,8 +157,13 @@ def test_indexes_become_uuids_and_uuids_are_checked(monkeypatch: pytest.MonkeyPa
             {"name": "a", "gpu": 1},
             {"name": "b", "gpu": gpu(0)["uuid"]},
             {"name": "c", "gpu": [2, "MIG-bbbb"], "spread": True},
-            {"name": "e", "launcher": "external", "url": "http://h:1", "gpu": 7,
-             "gpu_source": "http://h:11433"},
+            {
+                "name": "e",
+                "launcher": "external",
+                "url": "http://h:1",
+                "gpu": 7,
+                "gpu_source": "http://h:11433",
+            },
         ]
     }
     config = pin_with_nvml(config_from_dict(raw, source="box.yaml"))

@@ -327,3 +327,22 @@ def test_ascii_fallback_when_the_terminal_cannot_draw_blocks(
     out.flush()
     text = out.buffer.getvalue().decode()  # type: ignore[attr-defined]
     assert "[##########..........]" in text
+
+
+def test_status_says_what_an_external_instance_lacks_and_how_to_fix_it() -> None:
+    doc = status_doc()
+    blind = {"name": "far", "state": "up", "gpus": [], "slots": 1, "loaded": []}
+    blind |= {"lacks": ["gpu memory", "num_parallel"], "memory_source": "learned"}
+    learned = {"name": "near", "state": "up", "gpus": [], "slots": 2, "loaded": []}
+    learned |= {"lacks": ["gpu memory readings (learned)"], "memory_source": "learned"}
+    learned |= {"memory_capacity": 8 * 1024**3, "free_estimate": 2 * 1024**3}
+    doc["instances"] = [*doc["instances"], blind, learned]
+    lines = render(doc, now=1000.0).splitlines()
+    assert "~6.0/8.0 GiB (learned)" in next(line for line in lines if line.startswith("near"))
+    assert "(no GPU reading)" in next(line for line in lines if line.startswith("far"))
+    assert (
+        "far lacks gpu memory, num_parallel (run `ollamux agent` there and set gpu_source, or set "
+        "memory_gib; set num_parallel to its OLLAMA_NUM_PARALLEL)"
+    ) in lines
+    assert "near lacks gpu memory readings (learned)" in lines
+    assert not any("gpu0 lacks" in line for line in lines)  # one with readings lacks nothing
