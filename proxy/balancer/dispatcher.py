@@ -3,8 +3,13 @@
 Ollama queues requests for a loaded model without limit inside the runner, where nobody can see or
 move them. The dispatcher keeps them here instead: one FIFO per model, admission limits per model
 and in total, a timeout, and a grant only when the policy names an instance with a free slot.
-Every bind, release and state change pumps the queues (models served in turn, so one busy model
-cannot starve another).
+A state change pumps every queue (models served in turn, so one busy model cannot starve another);
+a released slot or a new request pumps only its model's queue, since a slot for one model makes no
+other model's request placeable (``InstanceView.available`` is per model).
+
+A decision's cost does not grow with the instances that cannot take the request: a policy that
+says ``warm_first`` is shown only the warm instances with a free slot when there are any (its
+choice depends on nothing else then), and views of the others are built only when there are none.
 """
 
 from __future__ import annotations
@@ -84,6 +89,7 @@ class Dispatcher:
         self._queues: dict[str, deque[_Waiter]] = {}
         self._turn = 0
         self._sessions: OrderedDict[str, str] = OrderedDict()
+        self._warm_first = bool(getattr(policy, "warm_first", False))
 
     # --- public ---------------------------------------------------------------------------------
 
@@ -114,7 +120,7 @@ class Dispatcher:
         self._admit(model)
         self._queues.setdefault(model, deque()).append(waiter)
         self._on_decision("queued")
-        self.pump()  # a longer queue can make a replica worth loading now (scale-out)
+        self.pump(model)  # a longer queue can make a replica worth loading now (scale-out)
         wait = self.limits.timeout if timeout is None else max(timeout, 0.0)
         try:
             return await asyncio.wait_for(asyncio.shield(waiter.future), wait)
@@ -139,16 +145,19 @@ class Dispatcher:
             inst.inflight[lease.model] = left
         else:
             inst.inflight.pop(lease.model, None)
-        if left <= 0 and lease.model not in inst.loaded:
-            inst.loading.pop(lease.model, None)  # nobody waits for that load there any more
-        self.pump()
+        if left <= 0 and lease.model not in inst.loaded and lease.model in inst.loading:
+            del inst.loading[lease.model]  # nobody waits for that load there any more
+            self.pump()  # the instance may load another model now
+        else:
+            self.pump(lease.model)  # only this model's requests can take the slot
 
-    def pump(self) -> None:
-        """Grant every queued request the policy can place now, serving models in turn."""
+    def pump(self, only: str | None = None) -> None:
+        """Grant every queued request the policy can place now, serving models in turn
+        (``only``: the queue of that model alone)."""
         progress = True
         while progress:
             progress = False
-            models = [m for m, q in self._queues.items() if q]
+            models = [m for m, q in self._queues.items() if q and (only is None or m == only)]
             if not models:
                 return
             self._turn = (self._turn + 1) % len(models)
@@ -197,10 +206,15 @@ class Dispatcher:
     def _try(self, waiter: _Waiter) -> Lease | None:
         model = waiter.model
         previous = self._sessions.get(waiter.session) if waiter.session else None
+        candidates = [i for i in self._candidates(model, waiter.exclude) if i.routable]
+        if self._warm_first:
+            warm_free = [
+                i for i in candidates if i.is_warm(model) and i.inflight.get(model, 0) < i.slots
+            ]
+            candidates = warm_free or candidates
         views = [
             inst.view(model, slots=inst.slots, affinity=inst.name == previous)
-            for inst in self._candidates(model, waiter.exclude)
-            if inst.routable
+            for inst in candidates
         ]
         if not views:
             return None

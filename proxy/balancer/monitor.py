@@ -87,8 +87,10 @@ class Monitor:
     async def check_all(self) -> None:
         full = self._round % TAGS_EVERY == 0
         self._round += 1
+        before = [_placement_state(inst) for inst in self.instances]
         await asyncio.gather(*(self._check(inst, full=full) for inst in self.instances))
-        self._on_change()
+        if before != [_placement_state(inst) for inst in self.instances]:
+            self._on_change()  # only then can a queued request have become placeable
 
     async def wait_probes(self) -> None:
         """Until the probes and re-checks started so far have ended (their outcome recorded)."""
@@ -298,6 +300,11 @@ class Monitor:
         inst.memory_total = sum(g.memory_total for g in mine)
         inst.memory_free = sum(g.memory_free for g in mine)
         inst.utilization = max(g.utilization for g in mine)
+
+
+def _placement_state(inst: InstanceState) -> tuple[object, ...]:
+    """What the monitor writes that a placement depends on (health, models, memory)."""
+    return (inst.healthy, inst.models, tuple(inst.loaded), inst.memory_free, inst.memory_capacity)
 
 
 def _owns(inst: InstanceState, gpu: GpuReading) -> bool:

@@ -25,7 +25,12 @@ class Decision:
 
 
 class Policy(Protocol):
-    """Chooses an available instance for a request, or None to keep it queued."""
+    """Chooses an available instance for a request, or None to keep it queued.
+
+    A policy may set ``warm_first = True`` when, whenever some instance has the model warm with a
+    free slot, its choice depends on those instances alone: the dispatcher then shows it only
+    them, so a decision does not cost a view of every instance (see ``balancer/dispatcher.py``).
+    """
 
     def select(self, request: RouteRequest, instances: Sequence[InstanceView]) -> Decision | None:
         """Pick among ``instances`` whose ``available`` is true; never return a busy one."""

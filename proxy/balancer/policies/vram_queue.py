@@ -26,6 +26,9 @@ class VramQueue:
     An instance already loading a model counts as busy for new loads: Ollama loads one at a time.
     """
 
+    warm_first = True
+    """With a warm instance free, the choice is among the warm free ones only (step 1)."""
+
     def __init__(self, config: RoutingConfig | None = None) -> None:
         config = config or RoutingConfig()
         self.session_affinity = config.session_affinity
