@@ -23,7 +23,14 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
-__all__ = ["AccessLogger", "LogFormatter", "logfmt_value", "setup_logging"]
+__all__ = [
+    "AccessLogger",
+    "LogFormatter",
+    "child_line",
+    "current_format",
+    "logfmt_value",
+    "setup_logging",
+]
 
 LogFormat = Literal["logfmt", "json"]
 
@@ -79,6 +86,28 @@ def setup_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+def current_format() -> LogFormat:
+    """The format :func:`setup_logging` chose for this process (logfmt when it was not called)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler.formatter, LogFormatter):
+            return "json" if handler.formatter.kind == "json" else "logfmt"
+    return "logfmt"
+
+
+def child_line(name: str, line: str, fmt: LogFormat) -> str:
+    """A line a supervised instance printed, as ``serve`` shows it: ``NAME | line`` for people,
+    or one JSON object naming the instance (the child's own JSON object when it wrote one)."""
+    if fmt != "json":
+        return f"{name} | {line}"
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        entry = None
+    if not isinstance(entry, dict):
+        entry = {"level": "INFO", "logger": "ollamux.instance", "message": line}
+    return json.dumps({"instance": name.strip(), **entry}, ensure_ascii=False)
 
 
 class AccessLogger(AbstractAccessLogger):

@@ -8,6 +8,7 @@ from pathlib import Path
 from proxy.config import Config, InstanceConfig, emulated_gpus
 from proxy.errors import LaunchError
 from proxy.instances.supervisor import ChildSpec
+from proxy.logs import current_format
 from proxy.units import format_bytes
 
 __all__ = ["emulated_child"]
@@ -34,6 +35,8 @@ def emulated_child(config: Config, instance: InstanceConfig) -> ChildSpec:
         instance.name,
         "--listen",
         f"127.0.0.1:{instance.port}",
+        "--log-format",  # its lines go out through serve's output, in serve's format
+        current_format(),
     )
     gpus = emulated_gpus(config, instance)
     shown = ", ".join(f"{g.name} ({format_bytes(g.memory_bytes)})" for g in gpus)

@@ -28,6 +28,7 @@ from typing import TextIO
 
 from proxy.errors import LaunchError
 from proxy.instances.child import Child, ChildSpec, describe_exit, label, wait_ready
+from proxy.logs import child_line, current_format
 
 __all__ = [
     "Child",
@@ -242,9 +243,11 @@ class Supervisor:
         log.warning("%s %s (%s); restarting it in %g s", child.name, what, pid.rstrip(", "), delay)
 
     def _writer(self, prefix: str) -> Callable[[str], None]:
+        fmt = current_format()
+
         def write(line: str) -> None:
             out = self._output or sys.stderr
-            out.write(f"{prefix} | {line}\n")
+            out.write(child_line(prefix, line, fmt) + "\n")
             out.flush()
 
         return write

@@ -69,8 +69,15 @@ function instanceCard(inst) {
   card.append(head);
 
   const gpus = inst.gpus || [];
-  if (gpus.length === 0) card.append(el("div", "muted", "no GPU reading"));
+  if (gpus.length === 0 && inst.memory_capacity && inst.free_estimate != null) {
+    const used = inst.memory_capacity - inst.free_estimate;
+    const label = `~${gib(used)} / ${gib(inst.memory_capacity)} GiB (${inst.memory_source})`;
+    card.append(bar("memory", used / inst.memory_capacity, label, "memory"));
+  } else if (gpus.length === 0) {
+    card.append(el("div", "muted", "no GPU reading"));
+  }
   for (const gpu of gpus) card.append(gpuBlock(gpu));
+  if ((inst.lacks || []).length) card.append(line("lacks", inst.lacks.join(", ")));
 
   const busy = inst.inflight_total || 0;
   card.append(bar("slots", inst.slots ? busy / inst.slots : 0, `${busy} / ${inst.slots}`, "slots"));
