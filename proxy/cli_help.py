@@ -9,15 +9,27 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterator
+from typing import TypeAlias
 
 __all__ = [
     "EXAMPLES",
     "EXIT_CODES",
+    "URL_HELP",
     "HelpFormatter",
+    "Subparsers",
     "add_global_flags",
     "finish",
     "subcommands",
 ]
+
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+"""What ``add_subparsers`` returns: each command module's ``register`` adds its parser to it."""
+
+URL_HELP = (
+    "the proxy (default: $OLLAMUX_URL, else $OLLAMA_HOST as the ollama CLI reads it, "
+    "else http://127.0.0.1:11434)"
+)
+"""The ``--url`` help of the commands that talk to a running proxy (status, instances)."""
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("logfmt", "json")

@@ -8,14 +8,9 @@ from typing import Any
 
 import yaml
 
-from proxy.config import Config, InstanceConfig, load_config
+from proxy.config import Config, InstanceConfig
 
-__all__ = ["check_config", "config_tree", "dump_config", "plain"]
-
-
-def check_config(path: str) -> str:
-    """Load and validate ``path`` (ConfigError if invalid) and return it resolved, as YAML."""
-    return dump_config(load_config(path))
+__all__ = ["config_tree", "dump_config", "plain"]
 
 
 def dump_config(config: Config) -> str:

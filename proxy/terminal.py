@@ -1,4 +1,4 @@
-"""Plain-ANSI drawing for `ollamux status`: colour, rows cut to width, the alternate screen.
+"""Plain-ANSI drawing for `ollamux status`: colour, columns, rows cut to width, alternate screen.
 
 No library: a handful of escape sequences keep `ollamux status` quick to start. Everything here
 works on strings that may carry SGR colour codes, measuring only what the terminal shows.
@@ -10,7 +10,7 @@ import contextlib
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TextIO
 
 CLEAR = "\x1b[H\x1b[2J"
@@ -23,6 +23,8 @@ RESET = "\x1b[0m"
 BOLD, DIM, RED, GREEN, YELLOW, CYAN = "1", "2", "31", "32", "33", "36"
 
 _SGR = re.compile(r"(\x1b\[[0-9;]*m)")
+Style = Callable[[str], str]
+"""A cell's text to its SGR colour code ("" for none)."""
 
 
 def is_tty(out: TextIO) -> bool:
@@ -87,3 +89,39 @@ def alternate_screen(out: TextIO) -> Iterator[None]:
         with contextlib.suppress(OSError, ValueError):  # a closed terminal cannot be restored
             out.write(LEAVE)
             out.flush()
+
+
+def columns(
+    header: list[str],
+    rows: list[list[str]],
+    *,
+    styles: Mapping[int, Style] | None = None,
+    colour: bool = False,
+) -> list[str]:
+    """Columns padded to their widest cell; ``colour``: a bold header, cells styled by column."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    styles = styles or {}
+
+    def line(row: list[str], first: bool) -> str:
+        cells = (
+            paint(cell, BOLD if first else styles[i](cell) if i in styles else "", colour)
+            + " " * (w - len(cell))
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        return "  ".join(cells).rstrip()
+
+    return [line(row, i == 0) for i, row in enumerate([header, *rows])]
+
+
+def can_draw(out: TextIO) -> bool:
+    """Whether ``out`` can encode the block characters of the memory bars."""
+    try:
+        "█░".encode(getattr(out, "encoding", None) or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        return False
+    return True
+
+
+def ascii_blocks(text: str) -> str:
+    """``text`` with the bars' block characters as ``#`` and ``.``."""
+    return text.replace("█", "#").replace("░", ".")

@@ -1,6 +1,6 @@
 """The proxy's own endpoints: /proxy/status (what the router sees) and /metrics.
 
-``/proxy/status`` is the JSON that ``ollamux status`` renders (proxy/status.py): per instance its
+``/proxy/status`` is the JSON that ``ollamux status`` renders (commands/status.py): per instance its
 health, GPUs with memory, loaded models, slots, in-flight requests, recent time to first token and
 the reasons requests were bound to it; the queues per model; the policy; the last requests.
 """
@@ -16,7 +16,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from proxy import __version__
+from proxy import __version__, eventloop
 from proxy.api.context import PROXY
 from proxy.api.ollama import json_response
 from proxy.balancer.state import InstanceState
@@ -40,6 +40,7 @@ async def status(request: web.Request) -> web.Response:
         {
             "version": __version__,
             "uptime_s": round(time.time() - proxy.started_at, 1),
+            "event_loop": eventloop.name(),
             "policy": proxy.config.routing.policy,
             "queues": dispatcher.depths(),
             "queued": dispatcher.depth(),

@@ -50,7 +50,7 @@ from proxy.api.error_replies import error_response
 from proxy.api.ui import PATHS as PAGE
 from proxy.background import running
 from proxy.errors import ConfigError
-from proxy.keys import ApiKey, KeySet, load_keys
+from proxy.keystore import ApiKey, KeySet, load_keys
 from proxy.metrics import Metrics
 
 __all__ = ["AUTH", "KEY_NAME", "LiveKeys", "install", "middleware"]

@@ -9,35 +9,46 @@ proxy reads it with :class:`~proxy.gpu.remote.HttpGpuSource`. Readings are at mo
 An agent without GPUs is of no use, so it refuses to start (exit 1, one sentence) when NVML cannot
 read any; a read that fails later answers 503 with ``{"error": ...}``. With a token, ``/gpus`` asks
 for ``Authorization: Bearer TOKEN`` (401 otherwise); ``GET /`` always says the agent is running.
+
+aiohttp's server, the config and NVML's module are imported on use: every command's parser is built
+from this module, and ``ollamux --version`` should not pay for them.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import hmac
 import logging
+import os
 import time
+from typing import TYPE_CHECKING
 
-from aiohttp import web
-
-from proxy.config import parse_listen
+from proxy.cli_help import Subparsers
 from proxy.errors import ConfigError, GpuUnavailable, LaunchError
-from proxy.gpu import GpuReading, GpuSource
-from proxy.gpu.nvml import discover, local_gpu_source
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from proxy.gpu import GpuReading, GpuSource
 
 __all__ = [
     "CACHE_SECONDS",
     "DEFAULT_LISTEN",
+    "NAME",
     "TOKEN_ENV",
     "build_agent_app",
     "open_nvml",
+    "register",
+    "run",
     "run_agent",
     "serve_agent",
 ]
 
 log = logging.getLogger("ollamux.agent")
 
+NAME = "agent"
 DEFAULT_LISTEN = "127.0.0.1:11433"
 TOKEN_ENV = "OLLAMUX_AGENT_TOKEN"
 CACHE_SECONDS = 0.5
@@ -61,8 +72,30 @@ class _Readings:
             return self._last
 
 
-_READINGS = web.AppKey("readings", _Readings)
-_TOKEN = web.AppKey("token", str)
+def register(commands: Subparsers) -> None:
+    """``agent [--listen HOST:PORT] [--token TOKEN]``."""
+    agent = commands.add_parser(
+        NAME,
+        help="serve this host's GPU memory (NVML) as GET /gpus for a proxy on another host",
+        description="Serve this host's NVIDIA GPUs, read with NVML, as GET /gpus in the shape "
+        "the proxy reads (an external instance's gpu_source: http://HOST:11433), until Ctrl-C "
+        "or SIGTERM. Exits 1 when NVML reads no GPU.",
+    )
+    agent.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="default: 127.0.0.1:11433; use 0.0.0.0:11433 to let a proxy on another host read it",
+    )
+    agent.add_argument(
+        "--token",
+        default="",
+        help="require Authorization: Bearer TOKEN on /gpus (default: $OLLAMUX_AGENT_TOKEN; "
+        "the variable keeps it out of the process list)",
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    run_agent(args.listen, token=args.token or os.environ.get(TOKEN_ENV, ""))
 
 
 def run_agent(listen: str | None, *, token: str = "") -> None:
@@ -71,6 +104,8 @@ def run_agent(listen: str | None, *, token: str = "") -> None:
     Raises ConfigError for a bad ``--listen``, GpuUnavailable when NVML reads no GPU, LaunchError
     when the address cannot be listened on.
     """
+    from proxy.config import parse_listen
+
     try:
         host, port = parse_listen(listen or DEFAULT_LISTEN)
     except ValueError as exc:
@@ -80,6 +115,8 @@ def run_agent(listen: str | None, *, token: str = "") -> None:
 
 async def open_nvml() -> GpuSource:
     """The NVML source, or GpuUnavailable saying why there is none (no library, driver or GPU)."""
+    from proxy.gpu.nvml import discover, local_gpu_source
+
     await asyncio.to_thread(discover, processes=False)  # raises with one sentence and a fix
     source = await local_gpu_source()
     if source is None:  # NVML answered a moment ago; the warning logged says why it stopped
@@ -99,6 +136,8 @@ async def serve_agent(
 
     ``source`` defaults to NVML (:func:`open_nvml`); tests pass their own ``stop``.
     """
+    from aiohttp import web
+
     source = source or await open_nvml()
     try:
         first = await source.read()  # the GPUs the start-up line names
@@ -133,19 +172,27 @@ async def serve_agent(
 
 def build_agent_app(source: GpuSource, *, token: str = "") -> web.Application:
     """``GET /gpus`` (behind ``token`` when given) and ``GET /``."""
+    from aiohttp import web
+
+    readings = _Readings(source)
+
+    async def gpus(request: web.Request) -> web.Response:
+        return await _gpus(request, readings, token)
+
     app = web.Application()
-    app[_READINGS] = _Readings(source)
-    app[_TOKEN] = token
-    app.add_routes([web.get("/gpus", _gpus), web.get("/", _root)])
+    app.add_routes([web.get("/gpus", gpus), web.get("/", _root)])
     return app
 
 
 async def _root(request: web.Request) -> web.Response:
+    from aiohttp import web
+
     return web.Response(text=RUNNING)
 
 
-async def _gpus(request: web.Request) -> web.Response:
-    token = request.app[_TOKEN]
+async def _gpus(request: web.Request, readings: _Readings, token: str) -> web.Response:
+    from aiohttp import web
+
     if token and not _authorized(request.headers.get("Authorization", ""), token):
         return web.json_response(
             {
@@ -156,14 +203,14 @@ async def _gpus(request: web.Request) -> web.Response:
             headers={"WWW-Authenticate": "Bearer"},
         )
     try:
-        readings = await request.app[_READINGS].get()
+        found = await readings.get()
     except OSError as exc:
         log.warning("cannot read the GPUs: %s", exc)
         return web.json_response(
             {"error": f"the agent cannot read the GPUs ({exc}); check `nvidia-smi` on this host"},
             status=503,
         )
-    return web.json_response({"gpus": [dataclasses.asdict(r) for r in readings]})
+    return web.json_response({"gpus": [dataclasses.asdict(r) for r in found]})
 
 
 def _authorized(header: str, token: str) -> bool:

@@ -7,9 +7,8 @@ pinning.py       `instances: auto` expanded and GPU indexes made UUIDs, from wha
 process.py       the `process` launcher: `ollama serve` pinned to its GPU(s), its environment
 ports.py         is a port free, and if not, which process holds it
 emulated.py      the command line of one emulated instance
-systemd.py       the systemd units, env files and proxy config for a config, rendered as text
-systemctl.py     `ollamux systemd render|install|uninstall|status`: files written, systemctl run
-admin_client.py  `ollamux instances`: list, drain, undrain, restart through the admin API
+unit_files.py    the systemd units, env files and proxy config for a config, rendered as text
+systemctl.py     the units written (render, install, uninstall) and systemctl run; restarts
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from proxy import eventloop
 from proxy.config import Config, InstanceConfig, TimeoutConfig, parse_listen
 from proxy.errors import ConfigError, LaunchError
 from proxy.frontdoor import env_origins
@@ -47,7 +48,7 @@ from proxy.instances.supervisor import (
     wait_ready,
 )
 from proxy.instances.systemctl import restart_unit
-from proxy.instances.systemd import instance_unit
+from proxy.instances.unit_files import instance_unit
 
 __all__ = [
     "FleetLauncher",
@@ -82,7 +83,7 @@ def serve(config: Config, *, listen: str | None = None) -> None:
     for warning in config.warnings:  # what `config check` prints as `# warning:` lines
         log.warning("%s%s", f"{config.source}: " if from_file else "", warning)
     plan = plan_fleet(config)
-    asyncio.run(run_fleet(config, plan))
+    eventloop.run(run_fleet(config, plan))
 
 
 def with_listen(config: Config, listen: str | None) -> Config:

@@ -2,8 +2,8 @@
 
 :func:`carry_over` reads the stock unit and its drop-ins under a root (``/`` or an image), their
 ``Environment=``, ``EnvironmentFile=``, ``User=`` and ``Group=``, and returns the config and
-:class:`~proxy.instances.systemd.Account` to render with, and one line per setting saying where it
-went or why it could not go anywhere. The ollamux config wins where it already says something.
+:class:`~proxy.instances.unit_files.Account` to render with, and one line per setting saying where
+it went or why it could not go anywhere. The ollamux config wins where it already says something.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 from proxy.config import Config, InstanceConfig, parse_listen
 from proxy.errors import ConfigError
-from proxy.instances.systemd import Account
+from proxy.instances.unit_files import Account
 
 __all__ = ["Carried", "carry_over", "ollama_host"]
 

@@ -2,7 +2,7 @@
 
 Install, as steps (each printed; ``--dry-run`` prints them and does nothing):
 
-1. write the files :func:`proxy.instances.systemd.render` returns, and a manifest
+1. write the files :func:`proxy.instances.unit_files.render` returns, and a manifest
    (``/etc/ollamux/installed.json``) naming them and the stock ``ollama.service``'s state;
 2. ``systemctl daemon-reload``;
 3. ``systemctl disable --now ollama.service`` if it was enabled or running: it holds port 11434,
@@ -38,7 +38,7 @@ from proxy.errors import LaunchError, OllamuxError
 from proxy.instances.pinning import pin_with_nvml
 from proxy.instances.process import find_ollama
 from proxy.instances.stock import carry_over
-from proxy.instances.systemd import (
+from proxy.instances.unit_files import (
     ENV_DIR,
     ETC_DIR,
     OLLAMA_HOME,

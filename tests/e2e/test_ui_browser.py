@@ -109,7 +109,7 @@ async def test_the_page_shows_the_gpus_then_the_chat_and_why_it_went_there(
 async def test_with_protect_status_the_page_asks_for_the_key(tmp_path: Path) -> None:
     from playwright.async_api import async_playwright, expect
 
-    from proxy.keys import add_key
+    from proxy.keystore import add_key
 
     keys = tmp_path / "keys.yaml"
     key = add_key(keys, "ops")
@@ -127,5 +127,30 @@ async def test_with_protect_status_the_page_asks_for_the_key(tmp_path: Path) -> 
             await page.click("#keyform button")
             await expect(page.locator("#instances article")).to_have_count(4, timeout=WAIT_MS)
             await expect(page.locator("#keyform")).to_be_hidden()
+        finally:
+            await browser.close()
+
+
+async def test_servers_on_other_hosts_show_their_estimate_and_what_they_lack(
+    tmp_path: Path,
+) -> None:
+    from playwright.async_api import async_playwright, expect
+
+    async with (
+        farm(tmp_path, gpus=(24,), stores="separate", launcher="external") as box,
+        async_playwright() as pw,
+    ):
+        browser = await pw.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
+        try:
+            page = await browser.new_page()
+            await page.goto(box.url + "/proxy/ui")
+            card = page.locator("#instances article").first
+            await expect(card).to_contain_text("no GPU reading", timeout=WAIT_MS)
+            lacks = card.locator(".line").filter(has_text="lacks")
+            await expect(lacks).to_contain_text("gpu memory")
+            await box.ollama().chat(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+            # once it held a model, its memory is estimated from the most it held (learned)
+            await expect(card).to_contain_text("(learned)", timeout=WAIT_MS)
+            await expect(lacks).to_contain_text("gpu memory readings (learned)")
         finally:
             await browser.close()

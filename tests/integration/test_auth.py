@@ -22,7 +22,7 @@ from proxy.api import auth
 from proxy.app import build_app
 from proxy.config import config_from_dict
 from proxy.errors import ConfigError
-from proxy.keys import add_key, revoke_key
+from proxy.keystore import add_key, revoke_key
 from tests.integration.farm import Farm, farm
 from tests.processes import REPO, ollamux_env
 

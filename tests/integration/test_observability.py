@@ -27,8 +27,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import __version__
+from proxy.commands.status import CLEAR, fetch_status, render
 from proxy.metrics import LATENCY_BUCKETS
-from proxy.status import CLEAR, fetch_status, render
 from tests.integration.farm import Farm, farm
 from tests.integration.test_proxy import post
 

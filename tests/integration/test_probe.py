@@ -24,6 +24,7 @@ from proxy.api.context import PROXY
 from proxy.balancer.monitor import FAILS_TO_DOWN, Monitor
 from proxy.balancer.outlier import Outliers
 from proxy.balancer.state import InstanceState, LoadedModel, ModelBook
+from proxy.commands.status import render
 from proxy.config import EjectionConfig, GpuSpec, TimeoutConfig
 from proxy.emulator.catalogue import Catalogue
 from proxy.emulator.clock import RealClock
@@ -31,7 +32,6 @@ from proxy.emulator.engine import Engine
 from proxy.emulator.events import ServerSettings
 from proxy.emulator.server import build_emulator_app
 from proxy.emulator.store import ModelStore
-from proxy.status import render
 from tests.integration.farm import farm
 
 MODEL = "llama3.2:1b"

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from proxy.api import ui
-from proxy.keys import add_key
+from proxy.keystore import add_key
 from tests.integration.farm import farm
 
 CSP = "default-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"

@@ -254,11 +254,14 @@ def test_every_logger_is_in_the_ollamux_namespace() -> None:
 
 
 def test_every_module_name_is_unique_and_none_is_a_stdlib_name() -> None:
-    """A reader finds a module from its name alone: `proxy.api.http` vs `proxy.gpu.http` fails."""
+    """A reader finds a module from its name alone: `proxy.api.http` vs `proxy.gpu.http` fails, and
+    so does a module named like a package (`api/instances.py` beside `instances/`)."""
     seen: dict[str, list[str]] = {}
     for path in sorted((REPO / "proxy").rglob("*.py")):
         if path.name not in ("__init__.py", "__main__.py"):
             seen.setdefault(path.stem, []).append(str(path.relative_to(REPO)))
+        elif path.name == "__init__.py" and path.parent != REPO / "proxy":
+            seen.setdefault(path.parent.name, []).append(str(path.parent.relative_to(REPO)))
     assert {stem: paths for stem, paths in seen.items() if len(paths) > 1} == {}
     assert sorted(stem for stem in seen if stem in sys.stdlib_module_names) == []
 

@@ -1,4 +1,4 @@
-"""The API key file (proxy/keys.py), the live reload and how bodies are read for model limits."""
+"""The API key file (proxy/keystore.py), its live reload, how bodies are read for model limits."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from proxy.api.auth import LiveKeys, body_models
 from proxy.config import load_config
 from proxy.errors import ApiKeyError, ConfigError
-from proxy.keys import PREFIX, add_key, hash_key, load_keys, revoke_key
+from proxy.keystore import PREFIX, add_key, hash_key, load_keys, revoke_key
 
 
 def test_add_list_revoke_round_trip(tmp_path: Path) -> None:

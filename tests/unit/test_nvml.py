@@ -10,11 +10,11 @@ import sys
 
 import pytest
 
+from proxy.commands.gpus import gpus_json, gpus_table
 from proxy.config import config_from_dict
 from proxy.errors import ConfigError, GpuUnavailable, LaunchError
 from proxy.gpu import GpuReading
 from proxy.gpu.nvml import discover, local_gpu_source
-from proxy.gpu.report import gpus_json, gpus_table
 from proxy.instances.pinning import pin, pin_with_nvml
 from tests.fakes.helpers import FAKES, GIB, REPO, gpu, load_fake_nvml, nvml_env
 

@@ -20,6 +20,7 @@ from proxy.api.error_replies import rejection_reason
 from proxy.balancer.dispatcher import Dispatcher
 from proxy.balancer.policies import make_policy
 from proxy.balancer.state import InstanceState, LoadedModel, ModelBook
+from proxy.commands.status import CLEAR, bar, normalize_url, render, run_status
 from proxy.config import QueueConfig, RoutingConfig
 from proxy.gpu import GpuReading
 from proxy.metrics import (
@@ -32,7 +33,6 @@ from proxy.metrics import (
     gpu_readings,
     model_label,
 )
-from proxy.status import CLEAR, bar, normalize_url, render, run_status
 
 GIB = 1024**3
 
@@ -296,7 +296,7 @@ def test_bar_and_url() -> None:
 def test_watch_redraws_in_place_and_survives_a_missing_proxy(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from proxy import status
+    from proxy.commands import status
 
     answers = iter([status_doc(), None, status_doc()])
 
@@ -319,7 +319,7 @@ def test_watch_redraws_in_place_and_survives_a_missing_proxy(
 def test_ascii_fallback_when_the_terminal_cannot_draw_blocks(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from proxy import status
+    from proxy.commands import status
 
     monkeypatch.setattr(status, "fetch_status", lambda url, timeout=5.0: status_doc())
     out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")

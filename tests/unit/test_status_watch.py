@@ -24,9 +24,9 @@ from typing import Any
 
 import pytest
 
-from proxy import status
+from proxy.commands import status
+from proxy.commands.status import render, run_status
 from proxy.errors import OllamuxError
-from proxy.status import render, run_status
 from proxy.terminal import CLEAR, ENTER, LEAVE, cut, visible_len
 
 GIB = 1024**3
@@ -164,7 +164,7 @@ def fake_proxy(monkeypatch: pytest.MonkeyPatch, answers: list[Any]) -> None:
         return dict(answer)
 
     monkeypatch.setattr(status, "fetch_status", fetch)
-    monkeypatch.setattr("proxy.status.time.sleep", lambda _s: None)
+    monkeypatch.setattr("proxy.commands.status.time.sleep", lambda _s: None)
 
 
 class Terminal(io.StringIO):

@@ -15,7 +15,7 @@ import yaml
 from proxy.config import config_from_dict, load_config
 from proxy.errors import ConfigError
 from proxy.instances.pinning import pin
-from proxy.instances.systemd import render
+from proxy.instances.unit_files import render
 from tests.fakes.helpers import FAKES, REPO, write_fake_ollama
 
 EXAMPLE = REPO / "config" / "example.yaml"

@@ -12,7 +12,7 @@ import pytest
 from proxy.config import config_from_dict
 from proxy.instances.pinning import pin
 from proxy.instances.stock import carry_over, ollama_host
-from proxy.instances.systemd import Account, render
+from proxy.instances.unit_files import Account, render
 from tests.unit.test_systemd import box_config, ollamux
 
 ANALYZE = shutil.which("systemd-analyze")

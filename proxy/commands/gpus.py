@@ -2,19 +2,36 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from proxy.gpu.nvml import NvmlGpu, discover
+from proxy.cli_help import Subparsers
 
-__all__ = ["gpus_json", "gpus_table", "run_gpus"]
+if TYPE_CHECKING:  # the parser is built for every command: NVML's module loads on use
+    from proxy.gpu.nvml import NvmlGpu
 
+__all__ = ["NAME", "gpus_json", "gpus_table", "register", "run", "run_gpus"]
+
+NAME = "gpus"
 GIB = 1024**3
+
+
+def register(commands: Subparsers) -> None:
+    """``gpus [--json]``."""
+    gpus = commands.add_parser(NAME, help="list this host's NVIDIA GPUs (NVML)")
+    gpus.add_argument("--json", action="store_true", help="JSON in the shape of GET /gpus")
+
+
+def run(args: argparse.Namespace) -> None:
+    run_gpus(as_json=args.json)
 
 
 def run_gpus(*, as_json: bool = False, out: TextIO | None = None) -> None:
     """Print the GPUs; GpuUnavailable (exit 1, one sentence) when NVML finds none."""
+    from proxy.gpu.nvml import discover
+
     gpus = discover()
     (out or sys.stdout).write(gpus_json(gpus) if as_json else gpus_table(gpus))
 

@@ -13,19 +13,22 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
+from proxy.cli_help import Subparsers
 from proxy.errors import ConfigError
 
 if TYPE_CHECKING:  # the parser is built for every command: the rest loads on use
     from proxy.config import Config
-    from proxy.keys import KeySet
+    from proxy.keystore import KeySet
 
-__all__ = ["add_parser", "run_keys"]
+__all__ = ["NAME", "keys_file", "register", "run", "table"]
+
+NAME = "keys"
 
 
-def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(commands: Subparsers) -> None:
     """The ``keys`` subcommand and its actions."""
     keys = commands.add_parser(
-        "keys",
+        NAME,
         help="add, list or revoke the API keys clients need (auth.keys_file)",
         description="Manage the API keys of the proxy. Once the config's auth.keys_file holds a "
         "key, every request needs the header Authorization: Bearer KEY. Only hashes are stored.",
@@ -54,9 +57,10 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         sub.add_argument("--config", metavar="FILE", help="the config naming auth.keys_file")
 
 
-def run_keys(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> None:
+    """Add, revoke or list keys in the config's key file."""
     from proxy.config import Config, load_config
-    from proxy.keys import add_key, load_keys, revoke_key
+    from proxy.keystore import add_key, load_keys, revoke_key
 
     config = load_config(args.config) if args.config else Config()
     path = keys_file(config)

@@ -11,16 +11,22 @@ holder and the fix, instead of proxying to another demo's instances.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 from collections.abc import Iterator
-from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from proxy.config import Config, load_config, parse_listen
+from proxy.cli_help import Subparsers
 from proxy.errors import ConfigError
 
-__all__ = ["DEMO_FIX", "demo_config", "run_demo", "shipped_config"]
+if TYPE_CHECKING:  # the parser is built for every command: the rest loads on use
+    from proxy.config import Config
+
+__all__ = ["DEMO_FIX", "NAME", "demo_config", "register", "run", "shipped_config"]
+
+NAME = "demo"
 
 DEMO_FIX = (
     "stop the other demo, or pass --listen HOST:PORT "
@@ -28,9 +34,38 @@ DEMO_FIX = (
 )
 
 
+def register(commands: Subparsers) -> None:
+    """``demo [--listen HOST:PORT]``."""
+    demo = commands.add_parser(
+        NAME,
+        help="start the emulated 4-GPU demo box (no GPU or Ollama needed)",
+        description="Start the emulated demo box shipped with ollamux: 4 emulated GPUs "
+        "(2 x 24 GiB, 2 x 48 GiB), one emulated Ollama each, and the routing proxy in front. "
+        "Example: ollamux demo --listen 127.0.0.1:12000",
+    )
+    demo.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="the proxy's address (default: 127.0.0.1:11434); the 4 instances take the ports "
+        "after it",
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    """Check every port of the box, then serve it until stopped."""
+    from proxy.instances.fleet import check_ports, serve
+
+    with shipped_config() as path:
+        config = demo_config(path, args.listen)
+        check_ports(config, fix=DEMO_FIX)
+        serve(config)
+
+
 @contextlib.contextmanager
 def shipped_config(name: str = "demo.yaml") -> Iterator[Path]:
     """A path to the packaged config ``name`` (``demo.yaml``, ``example.yaml``) while open."""
+    from importlib import resources
+
     resource = resources.files("proxy") / "data" / name
     with resources.as_file(resource) as path:  # a real file even from a zipped install
         yield path
@@ -38,6 +73,8 @@ def shipped_config(name: str = "demo.yaml") -> Iterator[Path]:
 
 def demo_config(path: Path, listen: str | None = None) -> Config:
     """The demo box from ``path``, moved to ``listen`` with its instances on the next ports."""
+    from proxy.config import load_config, parse_listen
+
     config = load_config(path)
     if listen is None or config.instances == "auto":
         return config
@@ -56,13 +93,3 @@ def demo_config(path: Path, listen: str | None = None) -> Config:
         dataclasses.replace(inst, port=port + i) for i, inst in enumerate(config.instances, start=1)
     )
     return dataclasses.replace(config, listen=listen, instances=instances)
-
-
-def run_demo(listen: str | None = None) -> None:
-    """`ollamux demo`: check every port of the box, then serve it until stopped."""
-    from proxy.instances.fleet import check_ports, serve
-
-    with shipped_config() as path:
-        config = demo_config(path, listen)
-        check_ports(config, fix=DEMO_FIX)
-        serve(config)

@@ -7,13 +7,16 @@ queues per model; and the last requests with the instance each went to and the p
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
+import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
+from proxy.cli_help import URL_HELP, Subparsers
 from proxy.errors import OllamuxError
 from proxy.proxy_client import call, normalize_url
 from proxy.terminal import (
@@ -24,7 +27,10 @@ from proxy.terminal import (
     RED,
     YELLOW,
     alternate_screen,
+    ascii_blocks,
+    can_draw,
     colour_wanted,
+    columns,
     cut,
     is_tty,
     paint,
@@ -39,8 +45,29 @@ NARROW_BAR = 8
 LOADED_ROOM = 30
 """Columns the LOADED column keeps at least in the full layout before the narrow one is taken."""
 GIB = 1024**3
-Style = Callable[[str], str]
-"""A cell's text to its SGR colour code ("" for none)."""
+
+NAME = "status"
+
+
+def register(commands: Subparsers) -> None:
+    """``status [--url URL] [--watch [--interval S]] [--json]``."""
+    status = commands.add_parser(
+        NAME, help="show a running proxy: GPUs, loaded models, queues, recent requests"
+    )
+    status.add_argument("--url", help=URL_HELP)
+    status.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
+    status.add_argument(
+        "--interval", type=float, default=2.0, metavar="S", help="with --watch (default: 2)"
+    )
+    status.add_argument("--json", action="store_true", help="print /proxy/status as JSON")
+
+
+def run(args: argparse.Namespace) -> None:
+    """The proxy at ``--url`` (else ``$OLLAMUX_URL``, else ``$OLLAMA_HOST``), once or watched."""
+    from proxy.ollama_host import url_from_env
+
+    url = args.url or url_from_env(os.environ)
+    run_status(url, watch=args.watch, as_json=args.json, interval=args.interval)
 
 
 def fetch_status(url: str, *, timeout: float = 5.0) -> dict[str, Any]:
@@ -73,7 +100,7 @@ def run_status(
     out = out or sys.stdout
     tty = is_tty(out) if tty is None else tty
     measure = size or terminal_size
-    draw = _can_draw(out)
+    draw = can_draw(out)
     colour = colour_wanted(tty)
 
     def frame(data: dict[str, Any] | str, fit_height: bool) -> str:
@@ -86,7 +113,7 @@ def run_status(
             text = "\n".join(_fit(lines, width, height)) + "\n"
         else:
             text = render(data, url=url, width=width, height=height, colour=colour)
-        return text if draw else _ascii(text)
+        return text if draw else ascii_blocks(text)
 
     if not watch:
         out.write(frame(fetch_status(url), fit_height=False))
@@ -278,7 +305,7 @@ def _instances(
     if not narrow:
         header[4:4] = ["UTIL"]
         header[6:6] = ["TTFT p50/p95", "WHY"]
-    return _table(header, rows, styles={1: _state_style}, colour=colour)
+    return columns(header, rows, styles={1: _state_style}, colour=colour)
 
 
 def _recent(
@@ -305,7 +332,7 @@ def _recent(
         else ["AGE", "ENDPOINT", "MODEL", "INSTANCE", "WHY", "STATUS", "WAIT", "TTFT", "TOKENS"]
     )
     styles = {header.index("STATUS"): _status_style}
-    return _table(header, [[r[h] for h in header] for r in rows], styles=styles, colour=colour)
+    return columns(header, [[r[h] for h in header] for r in rows], styles=styles, colour=colour)
 
 
 def _state_style(state: str) -> str:
@@ -346,28 +373,6 @@ def _reasons(reasons: dict[str, int]) -> str:
     return " ".join(f"{reason}:{n}" for reason, n in ordered) or "-"
 
 
-def _table(
-    header: list[str],
-    rows: list[list[str]],
-    *,
-    styles: Mapping[int, Style] | None = None,
-    colour: bool = False,
-) -> list[str]:
-    """Columns padded to their widest cell; ``colour``: a bold header, cells styled by column."""
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    styles = styles or {}
-
-    def line(row: list[str], first: bool) -> str:
-        cells = (
-            paint(cell, BOLD if first else styles[i](cell) if i in styles else "", colour)
-            + " " * (w - len(cell))
-            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        )
-        return "  ".join(cells).rstrip()
-
-    return [line(row, i == 0) for i, row in enumerate([header, *rows])]
-
-
 def _gib(size: Any) -> str:
     return f"{int(size or 0) / GIB:.1f} GiB"
 
@@ -383,15 +388,3 @@ def _age(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-def _can_draw(out: TextIO) -> bool:
-    try:
-        "█░".encode(getattr(out, "encoding", None) or "ascii")
-    except (UnicodeEncodeError, LookupError):
-        return False
-    return True
-
-
-def _ascii(text: str) -> str:
-    return text.replace("█", "#").replace("░", ".")
