@@ -23,6 +23,7 @@ from aiohttp import web
 
 from proxy import assemble
 from proxy.api.access import Access, accounted, begin, count_failure, went_away
+from proxy.api.auth import KEY_NAME
 from proxy.api.body import ModelRequest, off_loop, parse_model_request, request_body
 from proxy.api.context import PROXY, Proxy
 from proxy.api.error_replies import error_body
@@ -32,6 +33,8 @@ from proxy.balancer.state import Outcome
 from proxy.errors import UpstreamBroken, UpstreamError
 from proxy.forward import BROKEN, Exchange, StreamWatcher, copy
 
+USER_HEADER = "X-OpenWebUI-User-Id"
+PRIORITY_HEADER = "X-Ollamux-Priority"
 _GENERATES = ("/v1/responses", "/v1/messages", "/api/chat", "/api/generate", "/v1/completions")
 
 
@@ -56,6 +59,8 @@ async def _routed(
     if not info.stream:
         rebuilt = await off_loop(len(body), assemble.upstream_body, request.path, info.data)
     silent = not info.stream and rebuilt is None and request.path.startswith(_GENERATES)
+    user = who(request)
+    background = is_background(request, info)
     tried: list[str] = []
     waited = 0.0  # the queue's wait is one budget for all tries (queue.timeout)
     failures = 0  # routing.attempts bounds the tries that failed; a stale model list is no failure
@@ -64,7 +69,12 @@ async def _routed(
             proxy.metrics.retries.inc()
         wait = proxy.config.queue.timeout - waited
         async with router.lease(
-            info.model, session=info.session, exclude=tried, wait=wait
+            info.model,
+            session=info.session,
+            exclude=tried,
+            wait=wait,
+            user=user,
+            background=background,
         ) as lease:
             waited += lease.queued_s
             inst = lease.instance
@@ -180,6 +190,25 @@ async def _assembled(
     access.status = status
     _account(proxy, lease, access, watcher)
     return web.Response(status=status, body=body, headers={"Content-Type": content_type})
+
+
+def who(request: web.Request) -> str:
+    """The user a request waits for its turn as: Open WebUI's user id, else the API key's name,
+    else the client's address."""
+    return (
+        request.headers.get(USER_HEADER, "")
+        or request.get(KEY_NAME, "")
+        or (request.remote or "")
+    )
+
+
+def is_background(request: web.Request, info: ModelRequest) -> bool:
+    """Whether the request gives way to interactive ones while it waits: ``X-Ollamux-Priority``
+    says so, else a non-streamed generation is background (nobody watches it come)."""
+    said = request.headers.get(PRIORITY_HEADER, "").strip().lower()
+    if said in ("interactive", "background"):
+        return said == "background"
+    return not info.stream
 
 
 async def _read_error(resp: aiohttp.ClientResponse) -> bytes:

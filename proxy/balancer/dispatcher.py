@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from proxy.balancer.policy import Decision, Policy
 from proxy.balancer.state import InstanceState, ModelBook, Outcome, RouteRequest
+from proxy.balancer.waitqueue import BACKGROUND, INTERACTIVE, Waiter, WaitQueue
 from proxy.config import QueueConfig
 from proxy.errors import NoHealthyInstance, QueueFull, QueueTimeout
 from proxy.names import model_key
@@ -54,15 +55,6 @@ class Lease:
         return self.first_token_s is not None
 
 
-@dataclass(eq=False)
-class _Waiter:
-    model: str
-    session: str
-    exclude: frozenset[str]
-    since: float
-    future: asyncio.Future[Lease] = field(repr=False)
-
-
 DecisionHook = Callable[[str], None]
 """Called with the reason of every decision, ``queued`` included (for metrics)."""
 
@@ -86,7 +78,7 @@ class Dispatcher:
         self.limits = limits
         self._on_decision = on_decision or (lambda _reason: None)
         self._clock = clock
-        self._queues: dict[str, deque[_Waiter]] = {}
+        self._queues: dict[str, WaitQueue] = {}
         self._turn = 0
         self._sessions: OrderedDict[str, str] = OrderedDict()
         self._warm_first = bool(getattr(policy, "warm_first", False))
@@ -100,17 +92,26 @@ class Dispatcher:
         session: str = "",
         exclude: Iterable[str] = (),
         timeout: float | None = None,
+        user: str = "",
+        background: bool = False,
     ) -> Lease:
         """Wait for a slot for ``model`` up to ``timeout`` (default ``queue.timeout``); raises
-        QueueFull, QueueTimeout or NoHealthyInstance."""
+        QueueFull, QueueTimeout or NoHealthyInstance. While it waits, ``background`` requests
+        give way to interactive ones and ``user``s take turns (see ``balancer/waitqueue.py``)."""
         model = model_key(model)
         excluded = frozenset(exclude)
         if not any(i.routable for i in self._candidates(model, excluded)):
             if any(i.routable for i in self.instances.values()):
                 raise NoHealthyInstance(f"no healthy Ollama instance has model {model!r}")
             raise NoHealthyInstance()
-        waiter = _Waiter(
-            model, session, excluded, self._clock(), asyncio.get_running_loop().create_future()
+        waiter = Waiter(
+            model,
+            session,
+            excluded,
+            self._clock(),
+            asyncio.get_running_loop().create_future(),
+            user=user,
+            priority=BACKGROUND if background else INTERACTIVE,
         )
         queue = self._queues.get(model)
         if not queue:
@@ -118,7 +119,7 @@ class Dispatcher:
             if lease is not None:
                 return lease
         self._admit(model)
-        self._queues.setdefault(model, deque()).append(waiter)
+        self._queues.setdefault(model, WaitQueue()).append(waiter)
         self._on_decision("queued")
         self.pump(model)  # a longer queue can make a replica worth loading now (scale-out)
         wait = self.limits.timeout if timeout is None else max(timeout, 0.0)
@@ -163,13 +164,13 @@ class Dispatcher:
             self._turn = (self._turn + 1) % len(models)
             for model in models[self._turn :] + models[: self._turn]:
                 queue = self._queues[model]
-                while queue and queue[0].future.done():
-                    queue.popleft()
-                if not queue:
+                head = queue.head()
+                if head is None:
                     continue
-                lease = self._try(queue[0])
+                lease = self._try(head)
                 if lease is not None:
-                    queue.popleft().future.set_result(lease)
+                    queue.pop_head(head)
+                    head.future.set_result(lease)
                     progress = True
 
     def depth(self, model: str | None = None) -> int:
@@ -203,7 +204,7 @@ class Dispatcher:
                 retry_after=2,
             )
 
-    def _try(self, waiter: _Waiter) -> Lease | None:
+    def _try(self, waiter: Waiter) -> Lease | None:
         model = waiter.model
         previous = self._sessions.get(waiter.session) if waiter.session else None
         candidates = [i for i in self._candidates(model, waiter.exclude) if i.routable]
@@ -244,10 +245,10 @@ class Dispatcher:
         now = self._clock()
         return Lease(inst, model, decision, now - waiter.since, cold, bound_at=now)
 
-    def _abandon(self, waiter: _Waiter) -> None:
+    def _abandon(self, waiter: Waiter) -> None:
         """Drop a waiter that gave up; if it was granted meanwhile, hand the slot back."""
         queue = self._queues.get(waiter.model)
-        if queue is not None and waiter in queue:
+        if queue is not None:
             queue.remove(waiter)
         future = waiter.future
         if future.done() and not future.cancelled():

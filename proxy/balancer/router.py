@@ -92,13 +92,22 @@ class Router:
         session: str = "",
         exclude: Iterable[str] = (),
         wait: float | None = None,
+        user: str = "",
+        background: bool = False,
     ) -> AsyncIterator[Lease]:
         """A slot for ``model``, waited for up to ``wait`` seconds (default ``queue.timeout``),
-        finished once however the block ends.
+        finished once however the block ends. ``user`` and ``background`` order the wait.
 
         Raises QueueFull, QueueTimeout or NoHealthyInstance before granting one.
         """
-        lease = await self.dispatcher.acquire(model, session=session, exclude=exclude, timeout=wait)
+        lease = await self.dispatcher.acquire(
+            model,
+            session=session,
+            exclude=exclude,
+            timeout=wait,
+            user=user,
+            background=background,
+        )
         try:
             yield lease
         except BaseException:

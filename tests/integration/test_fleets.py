@@ -281,3 +281,37 @@ async def test_leaving_while_a_not_found_answer_is_read_frees_the_slot() -> None
     finally:
         await proxy_server.close()
         await stub.close()
+
+
+# --- who waits for whom ------------------------------------------------------------------------
+
+
+async def test_a_chat_waits_less_than_background_calls_and_users_take_turns(
+    tmp_path: Path,
+) -> None:
+    async with farm(tmp_path, gpus=(24,), num_parallel=1) as box:
+        await call("POST", box.url + "/api/generate", {"model": EVERYWHERE, "keep_alive": -1})
+        box.engines[0].faults.slow = 30.0  # the first request holds the one slot for a while
+        long = {**chat(EVERYWHERE, stream=True), "options": {"num_predict": 3000}}
+        first = asyncio.ensure_future(call("POST", box.url + "/api/chat", long))
+        await asyncio.sleep(0.3)
+
+        def sent(body: dict[str, Any], user: str, tag: str) -> asyncio.Future[tuple[int, bytes]]:
+            headers = {"X-OpenWebUI-User-Id": user, "X-Request-Id": tag}
+            return asyncio.ensure_future(call("POST", box.url + "/api/chat", body, headers))
+
+        waiting = [sent(chat(EVERYWHERE, stream=False), "flood", f"bg{i}") for i in range(3)]
+        await asyncio.sleep(0.2)
+        waiting += [sent(chat(EVERYWHERE, stream=True), "flood", f"fl{i}") for i in range(3)]
+        await asyncio.sleep(0.2)
+        waiting.append(sent(chat(EVERYWHERE, stream=True), "ann", "ann"))
+        await asyncio.sleep(0.2)
+        assert (await status(box))["queued"] == 7
+        box.engines[0].faults.slow = 1.0
+        for code, _ in await asyncio.gather(first, *waiting):
+            assert code == 200
+        report = await status(box)
+        served = [r["request_id"] for r in reversed(report["recent"]) if r["request_id"] != "-"]
+        order = [tag for tag in served if tag[:2] in ("bg", "fl", "an")]
+        # streamed chats before the non-streamed calls; ann's turn right after the flood's first
+        assert order == ["fl0", "ann", "fl1", "fl2", "bg0", "bg1", "bg2"], order

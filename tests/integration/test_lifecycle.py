@@ -236,6 +236,9 @@ async def test_a_stream_that_stalls_is_cut_after_the_idle_deadline(tmp_path: Pat
     """About timeouts.idle: short here; the shipped 30 s is the same mechanism."""
     async with farm(tmp_path, gpus=(24,), timeouts={"idle": 0.5}) as box:
         await warm(box)
+        # Tokens come every ~14 ms, so the answer cannot end (at the context's length) between
+        # its first line and the stall, however loaded the machine is.
+        box.engines[0].faults.slow = 200.0
         body = {"model": MODEL, "prompt": "x", "options": {"num_predict": 10**5}}
         async with aiohttp.ClientSession() as s, s.post(box.url + "/api/generate", json=body) as r:
             await r.content.readline()

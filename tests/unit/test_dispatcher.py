@@ -161,3 +161,62 @@ async def test_models_are_served_in_turn() -> None:
     d.release(a)
     await settle()
     assert queued_a.done()
+
+
+async def test_interactive_requests_go_before_background_ones_that_waited_longer() -> None:
+    d, _ = dispatcher(instances(n=1, slots=1), max_per_model=16)
+    running = await d.acquire(M)
+    background = [asyncio.ensure_future(d.acquire(M, background=True)) for _ in range(3)]
+    await settle()
+    interactive = asyncio.ensure_future(d.acquire(M))
+    await settle()
+    d.release(running)
+    await settle()
+    assert interactive.done() and not any(b.done() for b in background)
+    d.release(interactive.result())
+    await settle()
+    assert background[0].done() and not background[1].done()  # then background, in order
+    for task in background[1:]:
+        task.cancel()
+    await settle()
+    d.release(background[0].result())
+
+
+async def test_users_take_turns_so_one_flood_does_not_starve_the_others() -> None:
+    d, _ = dispatcher(instances(n=1, slots=1), max_per_model=32, max_total=32)
+    running = await d.acquire(M, user="flood")
+    flood = [asyncio.ensure_future(d.acquire(M, user="flood")) for _ in range(10)]
+    await settle()
+    others = [asyncio.ensure_future(d.acquire(M, user=u)) for u in ("ann", "bob")]
+    await settle()
+    order: list[str] = []
+    lease = running
+    pending = {**{f"flood{i}": t for i, t in enumerate(flood)}, "ann": others[0], "bob": others[1]}
+    for _ in range(4):
+        d.release(lease)
+        await settle()
+        name, task = next((n, t) for n, t in pending.items() if t.done())
+        del pending[name]
+        order.append(name)
+        lease = task.result()
+    # the flood's first waiter came first; then ann and bob, who were never served, then flood
+    assert order == ["flood0", "ann", "bob", "flood1"]
+    for task in pending.values():
+        task.cancel()
+    await settle()
+    d.release(lease)
+    assert d.depth() == 0
+
+
+async def test_a_user_alone_is_served_first_come_first_served() -> None:
+    d, _ = dispatcher(instances(n=1, slots=1))
+    running = await d.acquire(M, user="ann")
+    waiting = [asyncio.ensure_future(d.acquire(M, user="ann")) for _ in range(3)]
+    await settle()
+    lease = running
+    for task in waiting:
+        d.release(lease)
+        await settle()
+        assert task.done() and sum(w.done() for w in waiting) == waiting.index(task) + 1
+        lease = task.result()
+    d.release(lease)
