@@ -7,7 +7,9 @@
   ``OLLAMA_BASE_URLS``;
 - ``nginx``: the Debian nginx with ``least_conn`` in front of the same four instances;
 - ``spread_np4`` / ``spread_np16``: one emulated Ollama over all four GPUs with
-  ``OLLAMA_SCHED_SPREAD``, with the per-GPU servers' NUM_PARALLEL and with four times it.
+  ``OLLAMA_SCHED_SPREAD``, with the per-GPU servers' NUM_PARALLEL and with four times it;
+- ``litellm_least_busy``, ``litellm_shuffle``, ``herd``: routers someone else wrote, in front of
+  the same four instances (benchmarks/peers.py).
 """
 
 from __future__ import annotations
@@ -23,13 +25,16 @@ from typing import Any
 
 import yaml
 
+from benchmarks import emulator_knobs
+from benchmarks.openai_wire import NATIVE
+from benchmarks.peer_env import PEERS
 from benchmarks.procs import ROOT, Child, children_of, free_port, ollamux_argv, wait_http
 from benchmarks.workload import Req
 from proxy.config import GpuSpec, load_config
 
 DEMO_CONFIG = ROOT / "config" / "demo.yaml"
 PROXIED = ("vram_queue", "least_connections", "round_robin")
-CONTENDERS = (*PROXIED, "random", "nginx", "spread_np4", "spread_np16")
+CONTENDERS = (*PROXIED, "random", "nginx", "spread_np4", "spread_np16", *PEERS)
 LOWER_BOUND = "lower_bound"
 
 
@@ -40,6 +45,8 @@ class Box:
     gpus: tuple[GpuSpec, ...]
     num_parallel: int
     context_length: int
+    spread_knobs: tuple[str, ...] = ()
+    """Flags of benchmarks.emulator_knobs for the spread servers (the sensitivity runs)."""
 
     @classmethod
     def from_config(cls, path: Path = DEMO_CONFIG) -> Box:
@@ -67,6 +74,10 @@ class Running:
     """Pids of the proxy or nginx (their CPU time is reported)."""
     backend_pids: list[int] = field(default_factory=list)
     notes: str = ""
+    api: str = NATIVE
+    """Which chat endpoint the client uses (benchmarks/openai_wire.py)."""
+    headers: dict[str, str] = field(default_factory=dict)
+    """Sent with every request (a peer's API key)."""
 
 
 def nginx_binary() -> str | None:
@@ -154,26 +165,42 @@ http {{
 
 @contextlib.asynccontextmanager
 async def start(
-    name: str, box: Box, *, speed: float, workdir: Path, seed: int = 0, timeout: float = 3600.0
+    name: str,
+    box: Box,
+    *,
+    speed: float,
+    workdir: Path,
+    seed: int = 0,
+    timeout: float = 3600.0,
+    api: str = NATIVE,
 ) -> AsyncIterator[Running]:
-    """Start contender ``name`` fresh (nothing loaded), yield it, stop every process."""
+    """Start contender ``name`` fresh (nothing loaded), yield it, stop every process; the client
+    talks to it on ``api`` (LiteLLM serves only the OpenAI one and gets it whatever ``api`` is)."""
     workdir.mkdir(parents=True, exist_ok=True)
     children: list[Child] = []
     try:
+        if name in PEERS:
+            from benchmarks import peers  # it builds on this module
+
+            yield await peers.start_peer(name, box, speed, workdir, children, timeout, api)
+            return
         if name in PROXIED:
-            yield await _ollamux(name, box, speed, workdir, children, timeout)
+            running = await _ollamux(name, box, speed, workdir, children, timeout)
         elif name in ("random", "nginx"):
-            urls, pids = await _instances(box, speed, workdir, children, timeout)
+            urls, pids = await start_instances(box, speed, workdir, children, timeout)
             if name == "random":
-                yield Running(
+                running = Running(
                     name=name, pick=_random_pick(urls, seed), backends=urls, backend_pids=pids
                 )
             else:
-                yield await _nginx(urls, pids, workdir, children)
+                running = await _nginx(urls, pids, workdir, children)
         elif name.startswith("spread_np"):
-            yield await _spread(box, speed, int(name.removeprefix("spread_np")), workdir, children)
+            num_parallel = int(name.removeprefix("spread_np"))
+            running = await _spread(box, speed, num_parallel, workdir, children)
         else:
             raise ValueError(f"unknown contender {name!r}; known: {', '.join(CONTENDERS)}")
+        running.api = api
+        yield running
     finally:
         for child in reversed(children):
             child.stop()
@@ -205,7 +232,7 @@ async def _ollamux(
     )
 
 
-async def _instances(
+async def start_instances(
     box: Box, speed: float, workdir: Path, children: list[Child], timeout: float
 ) -> tuple[list[str], list[int]]:
     """The box's four emulated instances, started from the same generated config as ollamux's."""
@@ -271,7 +298,8 @@ async def _spread(
 ) -> Running:
     port = free_port()
     gpus = [f"--gpu={g.name}:{g.memory_gib:g}:{g.speed:g}" for g in box.gpus]
-    argv = ollamux_argv(
+    argv = emulator_knobs.argv(
+        box.spread_knobs,
         "--log-level", "warning", "emulate", "--quiet", "--listen", f"127.0.0.1:{port}", *gpus,
         "--spread", "--num-parallel", str(num_parallel),
         "--context-length", str(box.context_length), "--speed", f"{speed:g}",

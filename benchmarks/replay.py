@@ -26,6 +26,7 @@ from typing import Any
 import aiohttp
 
 from benchmarks.contenders import Running
+from benchmarks.openai_wire import NATIVE, PATHS, openai_body, read_answer
 from benchmarks.workload import Req, Scenario
 
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -201,6 +202,8 @@ async def replay(
     tasks: set[asyncio.Task[None]] = set()
     finished = asyncio.Event()
     count = {"done": 0, "inflight": 0}
+    bodies = {r.id: openai_body(r.body) for r in scenario.requests} if running.api != NATIVE else {}
+    headers = {**JSON_HEADERS, **running.headers}
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     async with aiohttp.ClientSession(connector=connector) as session:
         sampler = Sampler(session, running, speed)
@@ -223,7 +226,9 @@ async def replay(
             res.sent = now()
             count["inflight"] += 1
             try:
-                await _exchange(session, res, now)
+                await _exchange(
+                    session, res, now, api=running.api, body=bodies.get(req.id), headers=headers
+                )
             except asyncio.CancelledError:
                 res.done = None
                 raise
@@ -272,10 +277,20 @@ def _at(req: Req) -> float:
     return req.at
 
 
-async def _exchange(session: aiohttp.ClientSession, res: Result, now: Any) -> None:
-    """One request: time to its first byte, its end, and the final line's metrics."""
+async def _exchange(
+    session: aiohttp.ClientSession,
+    res: Result,
+    now: Any,
+    *,
+    api: str = NATIVE,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """One request: time to its first byte, its end, and the final line's metrics (on the
+    OpenAI endpoint with ``api``, sending ``body``, the request as OpenAI's)."""
     req = res.req
-    async with session.post(res.backend + "/api/chat", data=req.body, headers=JSON_HEADERS) as resp:
+    url = res.backend + PATHS[api]
+    async with session.post(url, data=body or req.body, headers=headers or JSON_HEADERS) as resp:
         res.status = resp.status
         tail = b""
         async for chunk in resp.content.iter_any():
@@ -285,6 +300,11 @@ async def _exchange(session: aiohttp.ClientSession, res: Result, now: Any) -> No
         res.done = now()
     if resp.status != 200:
         res.error = f"HTTP {resp.status}: {tail[:200].decode(errors='replace')}"
+        return
+    if api != NATIVE:
+        answer = read_answer(tail, stream=req.stream)
+        res.error = answer.error
+        res.eval_count, res.prompt_eval_count = answer.completion_tokens, answer.prompt_tokens
         return
     last = next((ln for ln in reversed(tail.split(b"\n")) if ln.strip()), b"")
     try:

@@ -1,13 +1,16 @@
 """Routing benchmark: the same seeded workloads replayed against every contender, side by side.
 
     python -m benchmarks.routing [--quick] [--scenario NAME] [--contenders A,B] [--out DIR]
+                                 [--api native|openai]
+    python -m benchmarks.routing --sensitivity [--grid] [--quick]   (benchmarks/sensitivity.py)
 
 Each contender is started fresh (nothing loaded) on free 127.0.0.1 ports in front of the emulated
 demo box (config/demo.yaml: 2 x 24 GiB at speed 1.0, 2 x 48 GiB at speed 0.85, NUM_PARALLEL 4,
 context 8192), the scenario is replayed against it, and it is stopped. Writes
 ``DIR/<scenario>.json`` and PNG plots (when matplotlib is installed); prints a table per scenario.
 All times are emulated (virtual) seconds: wall time measured by the client times the emulator's
-speed.
+speed. ``--api openai`` sends every chat to ``/v1/chat/completions`` instead of ``/api/chat``
+(LiteLLM's contenders get /v1 whatever it says; each summary names its ``endpoint``).
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks import report
+from benchmarks import confined, peer_env, report, sensitivity
 from benchmarks.contenders import CONTENDERS, LOWER_BOUND, Box, describe, nginx_binary, start
+from benchmarks.openai_wire import APIS, NATIVE, PATHS
 from benchmarks.procs import ROOT, cpu_seconds, self_cpu_seconds
 from benchmarks.replay import Progress, replay, write_requests
-from benchmarks.stats import ideal_growth, lower_bound, summarize
+from benchmarks.stats import bound_backlog, lower_bound, summarize
 from benchmarks.workload import SCENARIOS, TRACE_SLICE, Scenario, Size
 
 RESULTS = Path(__file__).with_name("results")
@@ -49,15 +53,17 @@ async def run_contender(
     seed: int,
     quiet: bool = False,
     requests_csv: Path | None = None,
+    api: str = NATIVE,
 ) -> dict[str, Any]:
-    """Start ``name``, replay ``scenario`` against it, stop it; its summary (and, with
-    ``requests_csv``, one CSV line per request there)."""
+    """Start ``name``, replay ``scenario`` against it on ``api``, stop it; its summary (and,
+    with ``requests_csv``, one CSV line per request there)."""
     ideal = lower_bound(scenario, box)["makespan_s"]
     deadline = ideal + max(DRAIN_S, 0.5 * ideal)
     wall0 = time.monotonic()
     async with start(
-        name, box, speed=scenario.speed, workdir=workdir / name, seed=seed, timeout=deadline * 2
-    ) as running:
+        name, box, speed=scenario.speed, workdir=workdir / name, seed=seed, timeout=deadline * 2,
+        api=api,
+    ) as running:  # fmt: skip
         started_s = time.monotonic() - wall0
         pids = {"front": running.front, "backends": running.backend_pids}
         cpu0 = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}
@@ -68,6 +74,7 @@ async def run_contender(
         cpu = {k: sum(cpu_seconds(p) for p in v) - cpu0[k] for k, v in pids.items()}
         cpu["client"] = self_cpu_seconds() - client0
         proxy = await proxy_metrics(running.metrics_url) if running.metrics_url else {}
+        endpoint, notes = PATHS[running.api], running.notes
     if requests_csv is not None:
         write_requests(results, requests_csv)
     cores = os.cpu_count() or 1
@@ -77,7 +84,10 @@ async def run_contender(
         "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
         "cpu_busy_share": round(sum(cpu.values()) / (wall * cores), 3) if wall else None,
         "sampler_polls_failed": watch.failed_polls,
+        "endpoint": endpoint,
     }
+    if notes:
+        extra["notes"] = notes
     if proxy:
         extra["proxy"] = proxy
     return summarize(
@@ -86,7 +96,7 @@ async def run_contender(
         watch,
         end=deadline,
         extra=extra,
-        ideal_growth=ideal_growth(scenario, box),
+        bound=bound_backlog(scenario, box),
     )
 
 
@@ -142,8 +152,9 @@ async def run_scenario(
     seed: int = 0,
     quiet: bool = False,
     requests_dir: Path | None = None,
+    api: str = NATIVE,
 ) -> dict[str, Any]:
-    """Every contender on ``scenario``; the JSON document of the scenario."""
+    """Every contender on ``scenario`` (on ``api``); the JSON document of the scenario."""
     doc: dict[str, Any] = {
         "scenario": scenario.name,
         "title": scenario.title,
@@ -162,9 +173,18 @@ async def run_scenario(
             doc["contenders"][name] = lower_bound(scenario, box)
             continue
         csv_path = requests_dir / f"{scenario.name}.{name}.csv" if requests_dir else None
+        if name in peer_env.PEERS:
+            summary = await confined.run_peer(
+                scenario, name, box, run=run_contender, workdir=workdir, seed=seed, quiet=quiet,
+                requests_csv=csv_path, api=api,
+            )  # fmt: skip
+            if summary is not None:
+                doc["contenders"][name] = summary
+            continue
         doc["contenders"][name] = await run_contender(
-            scenario, name, box, workdir=workdir, seed=seed, quiet=quiet, requests_csv=csv_path
-        )
+            scenario, name, box, workdir=workdir, seed=seed, quiet=quiet, requests_csv=csv_path,
+            api=api,
+        )  # fmt: skip
     return doc
 
 
@@ -181,6 +201,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"comma-separated subset of {','.join((*CONTENDERS, LOWER_BOUND))} (default: all)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"default: {RESULTS}")
+    parser.add_argument(
+        "--api",
+        choices=APIS,
+        default=NATIVE,
+        help="native: /api/chat (default); openai: /v1/chat/completions for every contender "
+        "(LiteLLM gets /v1 either way)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--speed", type=float, help="override each scenario's time compression")
     parser.add_argument("--trace", type=Path, default=TRACE_SLICE, help="trace CSV to replay")
@@ -195,6 +222,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="run nothing: print the tables and redraw the plots of DIR/*.json",
     )
+    parser.add_argument(
+        "--sensitivity",
+        action="store_true",
+        help="vram_queue against the spread servers under other split penalties, prefill gains "
+        "and batching caps (default scenarios: multi-model, open-webui)",
+    )
+    parser.add_argument(
+        "--grid", action="store_true", help="with --sensitivity: every combination (18 settings)"
+    )
     return parser.parse_args(argv)
 
 
@@ -206,12 +242,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = sorted(out.glob("*.json"), key=lambda p: (order.get(p.stem, len(order)), p.stem))
         for path in paths:
             doc = json.loads(path.read_text(encoding="utf-8"))
+            if "sensitivity" in doc:
+                print(sensitivity.table(doc))
+                continue
             if "contenders" not in doc:
                 continue  # not a routing document (e.g. overhead_*.json)
             print(report.table(doc))
             if not args.no_plots:
                 report.plots(doc, out)
         return 0
+    if args.sensitivity:
+        return run_sensitivity(args)
     names = args.scenario or (list(QUICK_SCENARIOS) if args.quick else list(SCENARIOS))
     contenders = (
         [c.strip() for c in args.contenders.split(",") if c.strip()]
@@ -225,6 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "nginx" in contenders and nginx_binary() is None:
         print("nginx is not installed: skipping it (apt-get install nginx)", file=sys.stderr)
         contenders.remove("nginx")
+    contenders = peer_env.prepare(contenders)
     size = Size(quick=args.quick, seed=args.seed, trace=args.trace)
     box = Box.from_config()
     out.mkdir(parents=True, exist_ok=True)
@@ -243,15 +285,46 @@ def main(argv: Sequence[str] | None = None) -> int:
                     workdir=Path(tmp),
                     seed=args.seed,
                     requests_dir=out if args.requests else None,
+                    api=args.api,
                 )
             )
             doc["quick"] = args.quick
-            path = out / f"{name}.json"
+            path = out / f"{scenario.name}.json"
             path.write_text(report.dumps(doc) + "\n", encoding="utf-8")
             print(report.table(doc))
             if not args.no_plots:
                 for png in report.plots(doc, out):
                     print(f"wrote {png}", file=sys.stderr)
+    print(f"done in {time.monotonic() - began:.0f} s; results in {out}", file=sys.stderr)
+    return 0
+
+
+def run_sensitivity(args: argparse.Namespace) -> int:
+    """``--sensitivity``: one document and table per scenario (benchmarks/sensitivity.py)."""
+    size = Size(quick=args.quick, seed=args.seed, trace=args.trace)
+    box = Box.from_config()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    began = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="ollamux-sens-") as tmp:
+
+        async def one(scenario: Scenario, name: str, knobbed: Box) -> dict[str, Any]:
+            return await run_contender(
+                scenario, name, knobbed, workdir=Path(tmp), seed=args.seed, quiet=True
+            )
+
+        for name in sensitivity.names(args.scenario):
+            scenario = SCENARIOS[name](size)
+            if args.speed:
+                scenario = Scenario(**{**scenario.__dict__, "speed": args.speed})
+            doc = asyncio.run(
+                sensitivity.run(
+                    scenario, box, one, grid=args.grid, log=lambda m: print(m, file=sys.stderr)
+                )
+            )
+            doc |= {"quick": args.quick, "seed": args.seed, "code": code_version()}
+            sensitivity.path(out, scenario).write_text(report.dumps(doc) + "\n", encoding="utf-8")
+            print(sensitivity.table(doc))
     print(f"done in {time.monotonic() - began:.0f} s; results in {out}", file=sys.stderr)
     return 0
 

@@ -4,6 +4,16 @@ Every time is in emulated (virtual) seconds: the wall time the client measured t
 emulator's speed. Requests still running at the deadline count as ``unfinished``; where a
 percentile falls among them its value is only a lower bound (their wait until the deadline), and
 the key is listed under ``censored``.
+
+**Overloaded.** A contender's *excess backlog* is the number of its requests sent and not answered
+minus the lower bound's at the same emulated second (what the arrivals themselves pile up), over
+the whole run. Its *drain time* (``drain_s``) is how long after the last fixed arrival (the end of
+the arrival window; chat follow-ups are not arrivals of their own) the excess backlog takes to fall
+to at most the box's slots (16). A contender is ``overloaded`` when its drain time exceeds 10 % of
+the arrival window (it fell that far behind the offered load, so its tails grow with the run's
+length), when it never drains before the deadline, or when over 1 % of its requests were left
+unfinished. A burst early in the window that the contender works off before the window ends, or
+one late in it that it drains within that time, does not flag it; a burst it never works off does.
 """
 
 from __future__ import annotations
@@ -17,10 +27,12 @@ from benchmarks.replay import Result, Watch
 from benchmarks.workload import CONTEXT, Req, Scenario
 from proxy.emulator.catalogue import Catalogue
 
-OVERLOAD_GROWTH = 16
-"""A backlog that grows, beyond what the arrivals themselves do (the lower bound's backlog), by more
-than the whole box's slots (4 x 4) over the second half of the arrivals means the contender does
-not keep up: its tail latencies grow with the run's length."""
+OVERLOAD_EXCESS = 16
+"""The box's slots (4 x 4): an excess backlog this small is work in progress, not a queue."""
+OVERLOAD_DRAIN_SHARE = 0.1
+"""Drain time, as a share of the arrival window, beyond which a contender is overloaded: its
+capacity fell that much short of the offered load over the run."""
+OVERLOAD_UNFINISHED_SHARE = 0.01
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -103,16 +115,31 @@ def backlog(results: Sequence[Result], end: float) -> list[tuple[float, int]]:
     return out
 
 
-def growth(series: Sequence[tuple[float, int]], window: float) -> float:
-    """Least-squares growth of a backlog series over the second half of the arrival window."""
-    points = [(t, n) for t, n in series if window / 2 <= t <= window]
-    if len(points) < 3:
-        return 0.0
-    mt = sum(t for t, _ in points) / len(points)
-    mn = sum(n for _, n in points) / len(points)
-    var = sum((t - mt) ** 2 for t, _ in points)
-    slope = sum((t - mt) * (n - mn) for t, n in points) / var if var else 0.0
-    return slope * (window - window / 2)
+def drain_time(
+    series: Sequence[tuple[float, int]], bound: Sequence[tuple[float, int]], window: float
+) -> float | None:
+    """Seconds after ``window`` until ``series`` is at most ``OVERLOAD_EXCESS`` above ``bound``
+    (both once per emulated second from 0); None when that never happens within ``series``."""
+    for t, n in series:
+        if t < math.floor(window):  # the sample of the window's last second counts
+            continue
+        i = int(t)
+        ideal = bound[i][1] if i < len(bound) else 0
+        if n - ideal <= OVERLOAD_EXCESS:
+            return max(t - window, 0.0)
+    return None
+
+
+def overloaded(drain_s: float | None, window: float, unfinished: int, requests: int) -> bool:
+    """The rule of the module docstring, on a contender's numbers."""
+    if unfinished > OVERLOAD_UNFINISHED_SHARE * requests:
+        return True
+    return drain_s is None or drain_s > OVERLOAD_DRAIN_SHARE * window
+
+
+def arrival_window(requests: Iterable[Req]) -> float:
+    """The last fixed arrival time (requests that follow no other one)."""
+    return max((r.at for r in requests if r.after is None), default=0.0)
 
 
 def summarize(
@@ -122,10 +149,10 @@ def summarize(
     *,
     end: float,
     extra: dict[str, Any],
-    ideal_growth: float = 0.0,
+    bound: Sequence[tuple[float, int]] = (),
 ) -> dict[str, Any]:
-    """One contender's numbers for the report; ``ideal_growth``: the lower bound's backlog growth
-    over the same span (what the arrivals themselves do), subtracted from the contender's."""
+    """One contender's numbers for the report; ``bound``: the lower bound's backlog once per
+    emulated second (what the arrivals themselves pile up), the reference of the drain time."""
     ok = [r for r in results if r.ok]
     finished = [r.done for r in results if r.done is not None]
     makespan = max(finished) if finished else end
@@ -151,12 +178,13 @@ def summarize(
     busy = list(watch.busy.values())
     if busy and max(busy) > 0:
         out["gpu_busy_max_over_mean"] = round(max(busy) / (sum(busy) / len(busy)), 3)
-    window = max((r.req.at for r in results if r.req.after is None), default=0.0)
+    window = arrival_window(r.req for r in results)
     series = backlog(results, min(makespan, end))
-    grew = growth(series, window) - ideal_growth
-    out["backlog_growth"] = round(grew, 1)
+    drain = drain_time(series, bound, window)
+    out["arrival_window_s"] = round(window, 2)
+    out["drain_s"] = None if drain is None else round(drain, 1)
     out["backlog_max"] = max((n for _, n in series), default=0)
-    out["overloaded"] = grew > OVERLOAD_GROWTH or out["unfinished"] > 0.01 * len(results)
+    out["overloaded"] = overloaded(drain, window, out["unfinished"], len(results))
     step = max(len(series) // 150, 1)
     out["backlog_series"] = [[t, n] for t, n in series[::step]]
     where: dict[str, dict[str, int]] = {}
@@ -194,9 +222,7 @@ def service_times(req: Req, catalogue: Catalogue, speed: float) -> tuple[float, 
     return (prefill + interval if req.output_tokens else prefill), e2e
 
 
-def lower_bound(scenario: Scenario, box: Box) -> dict[str, Any]:
-    """Every request served at once, alone, on the fastest GPU, its model loaded, its cache warm:
-    no queueing, no load, no batching slowdown. No contender can beat it on any request."""
+def _bound_results(scenario: Scenario, box: Box) -> list[Result]:
     catalogue = Catalogue()
     fastest = max(g.speed for g in box.gpus)
     results = [Result(req=r) for r in scenario.requests]
@@ -218,11 +244,20 @@ def lower_bound(scenario: Scenario, box: Box) -> dict[str, Any]:
         for nxt in followers.get(res.req.id, ()):
             starts[nxt.id] = res.done + nxt.think
             order.append(nxt.id)
+    return results
+
+
+def lower_bound(scenario: Scenario, box: Box) -> dict[str, Any]:
+    """Every request served at once, alone, on the fastest GPU, its model loaded, its cache warm:
+    no queueing, no load, no batching slowdown. No contender can beat it on any request."""
+    results = _bound_results(scenario, box)
     end = max(r.done or 0.0 for r in results)
-    return summarize(scenario, results, Watch(), end=end, extra={"overloaded": False})
+    doc = summarize(scenario, results, Watch(), end=end, extra={}, bound=backlog(results, end))
+    doc["overloaded"] = False
+    return doc
 
 
-def ideal_growth(scenario: Scenario, box: Box) -> float:
-    """The lower bound's backlog growth: how much the arrivals alone pile up."""
-    doc = lower_bound(scenario, box)
-    return float(doc["backlog_growth"])
+def bound_backlog(scenario: Scenario, box: Box) -> list[tuple[float, int]]:
+    """The lower bound's backlog once per emulated second: how much the arrivals alone pile up."""
+    results = _bound_results(scenario, box)
+    return backlog(results, max(r.done or 0.0 for r in results))

@@ -267,20 +267,57 @@ TRACE_SHARE = 0.4
 than four GPUs serve; 40 % of it keeps the box busy without drowning it."""
 
 
-def trace_scenario(size: Size) -> Scenario:
-    b = _Builder(random.Random(f"{size.seed}:trace"))
-    window = size.choose(360.0, 40.0)
+BURST_MODEL = "llama3.1:8b"
+BURST_SHARE = 0.6
+"""Share of the trace replayed on one model: about 3 requests/s, ~60 % of what the box's four
+llama3.1:8b copies serve, so the trace's bursts queue and the lulls drain them."""
+
+
+def trace_label(size: Size) -> tuple[str, str]:
+    """(name suffix, words) of the trace file: ``("", "the Azure LLM 2023 conversation trace from
+    second 600")`` for the committed slice, the file's name for any other ``--trace``."""
+    if size.trace.resolve() == TRACE_SLICE.resolve():
+        return "", "the Azure LLM 2023 conversation trace from second 600"
+    return f"-{size.trace.stem}", f"the trace file {size.trace.name}"
+
+
+def _replay_trace(
+    b: _Builder, size: Size, window: float, share: float, mix: dict[str, float]
+) -> None:
+    """A seeded ``share`` of the trace's first ``window`` seconds, each request on a model drawn
+    from ``mix``."""
     for t, prompt, output in load_trace(size.trace):
         if t >= window:
             break
-        if b.rng.random() < TRACE_SHARE:
-            b.single("chat", b.pick(TRACE_MIX), prompt, max(output, 1), t)
+        if b.rng.random() < share:
+            b.single("chat", b.pick(mix), prompt, max(output, 1), t)
+
+
+def trace_scenario(size: Size) -> Scenario:
+    b = _Builder(random.Random(f"{size.seed}:trace"))
+    window = size.choose(360.0, 40.0)
+    _replay_trace(b, size, window, TRACE_SHARE, TRACE_MIX)
+    suffix, words = trace_label(size)
     return Scenario(
-        name="trace",
-        title="Azure conversation trace",
-        description=f"{window:g} s of the Azure LLM 2023 conversation trace (seconds 600+, "
-        f"{TRACE_SHARE:.0%} of its requests, seeded), real prompt and output lengths, each "
-        f"request on a model drawn from {_mix(TRACE_MIX)}",
+        name="trace" + suffix,
+        title=f"Trace {size.trace.name}" if suffix else "Azure conversation trace",
+        description=f"{window:g} s of {words} ({TRACE_SHARE:.0%} of its requests, seeded), real "
+        f"prompt and output lengths, each request on a model drawn from {_mix(TRACE_MIX)}",
+        speed=10.0,
+        requests=tuple(b.requests),
+    )
+
+
+def trace_one_model_scenario(size: Size) -> Scenario:
+    b = _Builder(random.Random(f"{size.seed}:trace-one-model"))
+    window = size.choose(360.0, 40.0)
+    _replay_trace(b, size, window, BURST_SHARE, {BURST_MODEL: 1.0})
+    suffix, words = trace_label(size)
+    return Scenario(
+        name="trace-one-model" + suffix,
+        title="One model on the trace's bursts",
+        description=f"{window:g} s of {words} ({BURST_SHARE:.0%} of its requests, seeded), its "
+        f"arrival times and real prompt and output lengths, every request on {BURST_MODEL}",
         speed=10.0,
         requests=tuple(b.requests),
     )
@@ -355,7 +392,7 @@ def one_model_scenario(size: Size) -> Scenario:
         name="one-model",
         title="Many users, one 8B model",
         description=f"chat sessions on llama3.1:8b arriving at 0.8/s for {window:g} s, ~4 turns "
-        "each (20 s mean think time after each reply), output lengths from the trace",
+        f"each (20 s mean think time after each reply), output lengths from {trace_label(size)[1]}",
         speed=8.0,
         requests=tuple(b.requests),
     )
@@ -432,6 +469,7 @@ def _mix(mix: dict[str, float]) -> str:
 
 SCENARIOS: dict[str, Callable[[Size], Scenario]] = {
     "trace": trace_scenario,
+    "trace-one-model": trace_one_model_scenario,
     "one-model": one_model_scenario,
     "multi-model": multi_model_scenario,
     "long-generation": long_generation_scenario,

@@ -8,7 +8,7 @@ import pytest
 
 from benchmarks.contenders import Box
 from benchmarks.replay import Result
-from benchmarks.stats import backlog, growth, latency, lower_bound, percentile
+from benchmarks.stats import backlog, drain_time, latency, lower_bound, overloaded, percentile
 from benchmarks.workload import SCENARIOS, Req, Size
 from proxy.emulator import text
 
@@ -67,9 +67,47 @@ def test_unfinished_requests_censor_the_percentiles_they_reach() -> None:
     assert "ttft_p99_s" in out["censored"] and "ttft_p50_s" not in out["censored"]
 
 
-def test_backlog_growth_and_percentile() -> None:
+def test_backlog_and_percentile() -> None:
     steady = [_result(float(t), t + 0.5, t + 1.0) for t in range(100)]
-    piling = [_result(float(t), None, None) for t in range(100)]
-    assert growth(backlog(steady, 100), 100) == pytest.approx(0, abs=0.5)
-    assert growth(backlog(piling, 100), 100) == pytest.approx(50, abs=2)
+    assert max(n for _, n in backlog(steady, 100)) == 1
     assert percentile([1, 2, 3, 4], 50) == 2.5
+
+
+def _series(values: list[int]) -> list[tuple[float, int]]:
+    return [(float(t), n) for t, n in enumerate(values)]
+
+
+def test_a_burst_early_in_the_window_and_worked_off_is_no_overload() -> None:
+    # 100 s of arrivals; a backlog of 60 at 10 s that is gone by 40 s; the bound never queues
+    bound = _series([2] * 110)
+    early = _series([2] * 5 + [60] * 10 + [30] * 20 + [4] * 75)
+    drain = drain_time(early, bound, 100.0)
+    assert drain == 0.0
+    assert not overloaded(drain, 100.0, unfinished=0, requests=300)
+
+
+def test_a_burst_early_never_worked_off_is_an_overload() -> None:
+    # the old rule (growth over the second half) missed it: flat at 60 from 10 s to the end
+    bound = _series([2] * 200)
+    stuck = _series([2] * 10 + [60] * 120 + [50, 40, 30, 20, 10] * 14)
+    drain = drain_time(stuck, bound, 100.0)
+    assert drain is not None and drain > 10
+    assert overloaded(drain, 100.0, unfinished=0, requests=300)
+
+
+def test_a_burst_at_the_end_drained_at_once_is_no_overload() -> None:
+    # the old rule flagged every contender for it: the backlog rises steeply at 95-100 s
+    bound = _series([2] * 95 + [10] * 5 + [0] * 10)
+    late = _series([2] * 95 + [50] * 5 + [40, 30, 20, 10, 0] + [0] * 5)
+    drain = drain_time(late, bound, 100.0)
+    assert drain == 3.0  # 40, 30, 20, then 10: within the slots
+    assert not overloaded(drain, 100.0, unfinished=0, requests=300)
+
+
+def test_a_backlog_that_never_drains_or_unfinished_requests_are_an_overload() -> None:
+    bound = _series([2] * 101)
+    assert drain_time(_series([2] * 50 + [40] * 51), bound, 100.0) is None
+    assert overloaded(None, 100.0, unfinished=0, requests=300)
+    assert overloaded(0.0, 100.0, unfinished=4, requests=300)
+    assert not overloaded(10.0, 100.0, unfinished=3, requests=300)
+    assert overloaded(10.5, 100.0, unfinished=0, requests=300)
