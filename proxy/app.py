@@ -10,6 +10,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from proxy import splice
 from proxy.api import admin, auth, edge, instance_admin, ollama, openai_routes, relay, stopping, ui
 from proxy.api.body import limit_middleware
 from proxy.api.clients import raise_open_files_limit, runner_options
@@ -128,7 +129,7 @@ def build_app(
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     """One pooled client session and the monitor; the first health round runs before serving."""
     proxy = app[PROXY]
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30)
+    connector = splice.connector(limit=0, limit_per_host=0, keepalive_timeout=30)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
     proxy.session = session
     try:  # the session closes whatever fails from here on (NVML, the first health round)

@@ -2,7 +2,8 @@
 
 This is the single seam where aiohttp client errors become ``UpstreamError``s, with texts that name
 the instance but never its address or aiohttp's internals. Bodies go upstream as received and come
-back chunk by chunk as they arrive (never buffered).
+back chunk by chunk as they arrive (never buffered); a chunked answer is relayed by
+``proxy/splice.py``, its bytes written to the client from the upstream connection's protocol.
 
 Deadlines ride on aiohttp's socket read timeout, which restarts on every byte received, so they
 cost no Python work per chunk: until the first byte the exchange allows ``first`` seconds (the
@@ -23,6 +24,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from proxy import splice
 from proxy.balancer.state import InstanceState
 from proxy.errors import UpstreamConnectError, UpstreamError, UpstreamStatus, UpstreamTimeout
 
@@ -217,6 +219,25 @@ class Exchange:
         except aiohttp.ClientError as exc:
             raise UpstreamConnectError(name, self.abort_reason or "broke off its answer") from exc
 
+    async def spliced(self, fast: splice.Splice, request: web.Request) -> None:
+        """Wait for a splice (see ``proxy/splice.py``) to end; raise as :meth:`chunks` would.
+
+        A client that left raises ConnectionResetError. A chunk cut off by a break is completed
+        first, so the error line the caller writes next reaches the client as a line of its own.
+        """
+        result = await fast.run()
+        if result == splice.DONE:
+            return
+        if result == splice.GONE:
+            raise ConnectionResetError("the client left")
+        client = request.transport
+        if client is not None and not client.is_closing():
+            client.write(fast.pad())
+        name = self.instance.name
+        if result == splice.TIMEOUT:
+            raise UpstreamTimeout(name, "stopped sending")
+        raise UpstreamConnectError(name, self.abort_reason or "broke off its answer")
+
     def abort(self, reason: str) -> None:
         """End the exchange now, wherever it is: the waiting side gets an UpstreamError."""
         if self.abort_reason:
@@ -263,11 +284,15 @@ async def copy(
         await out.prepare(request)
         exchange.delivering = True
         try:
-            async for chunk in exchange.chunks(resp):
-                watcher.feed(chunk)
-                if watcher.tokens:
-                    on_token()
-                await out.write(chunk)
+            fast = await splice.relay(request, out, resp, watcher, on_token)
+            if fast is not None:
+                await exchange.spliced(fast, request)
+            else:
+                async for chunk in exchange.chunks(resp):
+                    watcher.feed(chunk)
+                    if watcher.tokens:
+                        on_token()
+                    await out.write(chunk)
         except UpstreamError as exc:
             broken = exc
             await out.write(error_line(resp.headers.get("Content-Type", ""), BROKEN))
