@@ -5,13 +5,25 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from functools import partial
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy import splice
-from proxy.api import admin, auth, edge, instance_admin, ollama, openai_routes, relay, stopping, ui
+from proxy.api import (
+    admin,
+    auth,
+    edge,
+    instance_admin,
+    ollama,
+    openai_routes,
+    preload,
+    relay,
+    stopping,
+    ui,
+)
 from proxy.api.body import limit_middleware
 from proxy.api.clients import raise_open_files_limit, runner_options
 from proxy.api.context import PROXY, Proxy
@@ -112,6 +124,7 @@ def build_app(
         metrics=metrics,
         model_label=model_label(book),
     )
+    router.preloader = partial(preload.load, proxy)  # replicas load in the background
     app = web.Application(
         middlewares=[errors_middleware, limit_middleware, auth.middleware],
         client_max_size=config.limits.max_body,
@@ -149,6 +162,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         async with running(monitor.run()):
             yield
     finally:
+        await proxy.router.close()  # background loads end before their session
         await session.close()
 
 

@@ -182,6 +182,9 @@ class RoutingConfig:
     session_affinity: bool = True
     scale_out: bool = True
     """Load a replica on an idle GPU when the wait behind the warm ones exceeds its load time."""
+    preload: bool = True
+    """Load such a replica in the background and send requests there once it is loaded (else the
+    request that asked for it waits for the load there, even if a warm slot frees first)."""
     attempts: int = 3
     """Distinct instances a request may be tried on before its first byte reaches the client."""
 

@@ -196,9 +196,7 @@ def who(request: web.Request) -> str:
     """The user a request waits for its turn as: Open WebUI's user id, else the API key's name,
     else the client's address."""
     return (
-        request.headers.get(USER_HEADER, "")
-        or request.get(KEY_NAME, "")
-        or (request.remote or "")
+        request.headers.get(USER_HEADER, "") or request.get(KEY_NAME, "") or (request.remote or "")
     )
 
 

@@ -82,6 +82,9 @@ class Dispatcher:
         self._turn = 0
         self._sessions: OrderedDict[str, str] = OrderedDict()
         self._warm_first = bool(getattr(policy, "warm_first", False))
+        self.preload: Callable[[InstanceState, str, int], None] | None = None
+        """Set by the router when replicas load in the background (``routing.preload``): a
+        scale-out starts one there and binds no request to it."""
 
     # --- public ---------------------------------------------------------------------------------
 
@@ -146,7 +149,12 @@ class Dispatcher:
             inst.inflight[lease.model] = left
         else:
             inst.inflight.pop(lease.model, None)
-        if left <= 0 and lease.model not in inst.loaded and lease.model in inst.loading:
+        if (
+            left <= 0
+            and lease.model not in inst.loaded
+            and lease.model in inst.loading
+            and lease.model not in inst.preloading
+        ):
             del inst.loading[lease.model]  # nobody waits for that load there any more
             self.pump()  # the instance may load another model now
         else:
@@ -210,7 +218,7 @@ class Dispatcher:
         candidates = [i for i in self._candidates(model, waiter.exclude) if i.routable]
         if self._warm_first:
             warm_free = [
-                i for i in candidates if i.is_warm(model) and i.inflight.get(model, 0) < i.slots
+                i for i in candidates if i.takes(model) and i.inflight.get(model, 0) < i.slots
             ]
             candidates = warm_free or candidates
         views = [
@@ -219,10 +227,12 @@ class Dispatcher:
         ]
         if not views:
             return None
+        # replicas loading in the background will take that many of the waiting requests
+        coming = sum(i.slots for i in self.instances.values() if model in i.preloading)
         request = RouteRequest(
             model=model,
             est_size=self.book.estimate_size(model),
-            queued_ahead=max(self.depth(model) - 1, 0),
+            queued_ahead=max(self.depth(model) - 1 - coming, 0),
             service_s=self.book.estimate_service_s(model),
             load_s=self.book.estimate_load_s(model),
             session=waiter.session,
@@ -231,6 +241,11 @@ class Dispatcher:
         if decision is None:
             return None
         inst = self.instances[decision.instance]
+        if decision.reason == "scale_out" and self.preload is not None:
+            inst.reasons["scale_out"] = inst.reasons.get("scale_out", 0) + 1
+            self._on_decision("scale_out")
+            self.preload(inst, model, request.est_size)  # the request waits on for a slot
+            return None
         cold = model not in inst.loaded
         if cold and model not in inst.loading:
             inst.loading[model] = request.est_size

@@ -14,10 +14,11 @@ waiting for it leaves without an answer.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,7 +33,13 @@ log = logging.getLogger("ollamux.router")
 
 CHARS_PER_TOKEN = 4
 """A prompt's length in tokens, roughly, from its body's bytes (a generous deadline's input)."""
+PRELOAD_RETRY_S = 30.0
+"""After a background load failed on an instance, how long before it is tried there again."""
 _FAILURES = frozenset({Outcome.CONNECT, Outcome.TIMEOUT, Outcome.STATUS, Outcome.MIDSTREAM})
+
+
+Preloader = Callable[[InstanceState, str, float], Awaitable[str | None]]
+"""Loads a model on an instance within a deadline: None when it is loaded, else why not."""
 
 
 class Abortable(Protocol):
@@ -78,6 +85,14 @@ class Router:
         )
         self._timeouts = config.timeouts
         self._clock = clock
+        self.preloader: Preloader | None = None
+        """Loads a model on an instance (an HTTP call, given by the app); with
+        ``routing.preload`` a scale-out uses it instead of binding a request to the load."""
+        if config.routing.preload:
+            self.dispatcher.preload = self._preload
+        self._preloads: set[asyncio.Task[None]] = set()
+        self._preload_failed: dict[tuple[str, str], float] = {}
+        self._closed = False
         self._active: dict[str, set[Abortable]] = {i.name: set() for i in self.instances}
         self._started_at: dict[tuple[str, str], float] = {}
         """When a request last saw a model start on an instance (the monitor's polls may lag)."""
@@ -124,9 +139,7 @@ class Router:
         inst, model = lease.instance, lease.model
         if model in inst.loaded:
             return
-        size = inst.loading.pop(model, 0) or self.book.estimate_size(model)
-        inst.loaded[model] = LoadedModel(name=model, size_vram=size, context_length=0)
-        self._started_at[inst.name, model] = self._clock()
+        self._loaded(inst, model)
         if lease.cold:
             self.book.stats(model).observe_load(lease.first_token_s)
         self.dispatcher.pump()
@@ -171,6 +184,58 @@ class Router:
             if isinstance(prompt, int):
                 stats.observe_prompt(prompt, lease.first_token_s)
 
+    # --- replicas loaded in the background ------------------------------------------------------
+
+    def _preload(self, inst: InstanceState, model: str, size: int) -> None:
+        """Start loading ``model`` on ``inst`` with no request bound to it; waiting requests go
+        there once it is loaded (or to a warm slot that frees first)."""
+        if self.preloader is None or self._closed or model in inst.loading:
+            return
+        failed = self._preload_failed.get((inst.name, model))
+        if failed is not None and self._clock() - failed < PRELOAD_RETRY_S:
+            return  # it failed there just now; requests wait for warm slots meanwhile
+        inst.loading[model] = size
+        inst.preloading.add(model)
+        deadline = max(self._timeouts.load, 4 * self.book.estimate_load_s(model))
+        task = asyncio.get_running_loop().create_task(self._load(inst, model, deadline))
+        self._preloads.add(task)
+        task.add_done_callback(self._preloads.discard)
+
+    async def _load(self, inst: InstanceState, model: str, deadline: float) -> None:
+        asked = self._clock()
+        why: str | None = "cancelled"
+        try:
+            assert self.preloader is not None
+            why = await self.preloader(inst, model, deadline)
+        finally:
+            inst.preloading.discard(model)
+            if why is None:
+                self._loaded(inst, model)
+                self.book.stats(model).observe_load(self._clock() - asked)
+            else:
+                inst.loading.pop(model, None)
+                if why != "cancelled":
+                    log.warning("loading %s on instance %s failed: %s", model, inst.name, why)
+                    self._preload_failed[inst.name, model] = self._clock()
+            self.dispatcher.pump()
+
+    def _loaded(self, inst: InstanceState, model: str) -> None:
+        """``model`` is loaded on ``inst`` now (its first answer came, or its load ended)."""
+        if model in inst.loaded:
+            inst.loading.pop(model, None)
+            return
+        size = inst.loading.pop(model, 0) or self.book.estimate_size(model)
+        inst.loaded[model] = LoadedModel(name=model, size_vram=size, context_length=0)
+        self._started_at[inst.name, model] = self._clock()
+
+    async def close(self) -> None:
+        """Stop the background loads still under way, and start no more."""
+        self._closed = True
+        tasks = list(self._preloads)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     # --- exchanges in flight --------------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -212,6 +277,7 @@ class Router:
                 loaded[name] = model
         inst.loaded = loaded
         dropped = [inst.loading.pop(name) for name in loaded if name in inst.loading]
+        inst.preloading -= set(loaded)  # loaded: requests may go there (its load call ends soon)
         if dropped:
             self.dispatcher.pump()
 

@@ -73,6 +73,9 @@ class InstanceState:
     loaded: dict[str, LoadedModel] = field(default_factory=dict)
     loading: dict[str, int] = field(default_factory=dict)
     """Models the proxy sent a cold request for, not yet seen in /api/ps -> reserved bytes."""
+    preloading: set[str] = field(default_factory=set)
+    """Of ``loading``, replicas loading in the background with no request bound: requests go
+    there once the model is loaded, not to wait for the load."""
     inflight: dict[str, int] = field(default_factory=dict)
     memory_total: int = 0
     memory_free: int | None = None
@@ -114,6 +117,11 @@ class InstanceState:
     def is_warm(self, model: str) -> bool:
         return model in self.loaded or model in self.loading
 
+    def takes(self, model: str) -> bool:
+        """Requests for ``model`` may be bound here: it is loaded, or a request waits for its load
+        (not a replica loading in the background)."""
+        return self.is_warm(model) and model not in self.preloading
+
     def has(self, model: str) -> bool:
         """Its store holds ``model`` (or may: its list was not read yet), or it runs it."""
         return self.models is None or model in self.models or self.is_warm(model)
@@ -149,7 +157,7 @@ class InstanceState:
             slots=slots,
             inflight=self.inflight_total(),
             inflight_model=self.inflight.get(model, 0),
-            warm=self.is_warm(model),
+            warm=self.takes(model),
             loading=bool(self.loading),
             free_vram=self.free_vram(),
             idle_models=len(set(self.loaded) - busy_models),

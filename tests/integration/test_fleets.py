@@ -315,3 +315,22 @@ async def test_a_chat_waits_less_than_background_calls_and_users_take_turns(
         order = [tag for tag in served if tag[:2] in ("bg", "fl", "an")]
         # streamed chats before the non-streamed calls; ann's turn right after the flood's first
         assert order == ["fl0", "ann", "fl1", "fl2", "bg0", "bg1", "bg2"], order
+
+
+async def test_a_replica_loads_in_the_background_and_no_request_waits_for_its_load(
+    tmp_path: Path,
+) -> None:
+    async with farm(tmp_path, gpus=(24, 24), num_parallel=1) as box:
+        await call("POST", box.url + "/api/generate", {"model": EVERYWHERE, "keep_alive": -1})
+        long = {**chat(EVERYWHERE, stream=True), "options": {"num_predict": 400}}
+        replies = await asyncio.gather(
+            *(call("POST", box.url + "/api/chat", long) for _ in range(8))
+        )
+        assert all(code == 200 for code, _ in replies)
+        report = await status(box)
+        recent = [r for r in report["recent"] if r["endpoint"] == "/api/chat"]
+        assert len(recent) == 8
+        assert {r["instance"] for r in recent} == {"gpu0", "gpu1"}  # the replica served too
+        assert {r["reason"] for r in recent} <= {"warm", "affinity"}  # none bound to a load
+        assert instance(report, "gpu1")["reasons"].get("scale_out") == 1
+        assert sorted(box.loaded()["gpu1"]) == [EVERYWHERE]

@@ -201,3 +201,107 @@ async def test_a_client_that_leaves_does_not_count_against_the_instance() -> Non
         async with r.lease(M):
             pass  # no outcome said: the client went away
     assert r.instances[0].strikes == 0 and not r.instances[0].ejected
+
+
+# --- replicas loaded in the background (routing.preload) ----------------------------------------
+
+
+def busy_one_warm(r: Router) -> None:
+    """gpu0 has the model and no free slot; gpu1 is empty with room: a replica is worth it."""
+    gpu0 = r.instances[0]
+    gpu0.loaded[M] = LoadedModel(name=M, size_vram=6 * GIB, context_length=4096)
+    gpu0.inflight[M] = gpu0.slots
+    r.book.stats(M).observe_service(60.0)  # long answers: waiting beats no load
+
+
+async def test_a_replica_loads_in_the_background_and_takes_the_waiting_one_once_loaded() -> None:
+    r, _ = router(slots=1)
+    busy_one_warm(r)
+    loads: list[tuple[str, str]] = []
+    done = asyncio.Event()
+
+    async def preloader(inst: InstanceState, model: str, deadline: float) -> str | None:
+        loads.append((inst.name, model))
+        await done.wait()
+        return None
+
+    r.preloader = preloader
+    waiting = asyncio.ensure_future(r.dispatcher.acquire(M))
+    await asyncio.sleep(0.01)
+    gpu1 = r.instances[1]
+    assert loads == [("gpu1", M)] and not waiting.done()  # nobody is bound to the load
+    assert gpu1.loading and M in gpu1.preloading and gpu1.reasons == {"scale_out": 1}
+    done.set()
+    lease = await asyncio.wait_for(waiting, 1)
+    assert (lease.instance.name, lease.decision.reason, lease.cold) == ("gpu1", "warm", False)
+    assert M in gpu1.loaded and not gpu1.loading and not gpu1.preloading
+    r.dispatcher.release(lease)
+
+
+async def test_a_warm_slot_that_frees_first_takes_the_request_and_the_load_goes_on() -> None:
+    r, _ = router(slots=1)
+    busy_one_warm(r)
+    release = asyncio.Event()
+
+    async def preloader(inst: InstanceState, model: str, deadline: float) -> str | None:
+        await release.wait()
+        return None
+
+    r.preloader = preloader
+    gpu0, gpu1 = r.instances
+    gpu0.inflight.clear()
+    running = await r.dispatcher.acquire(M)  # gpu0's one slot
+    waiting = asyncio.ensure_future(r.dispatcher.acquire(M))
+    await asyncio.sleep(0.01)
+    assert M in gpu1.preloading
+    r.dispatcher.release(running)
+    lease = await asyncio.wait_for(waiting, 1)
+    assert lease.instance is gpu0  # the warm slot, not the load
+    assert M in gpu1.preloading  # the replica still loads, for the next ones
+    release.set()
+    await r.close()
+    r.dispatcher.release(lease)
+
+
+async def test_a_failed_background_load_frees_its_reservation_and_is_not_retried_at_once() -> None:
+    r, clock = router(slots=1)
+    busy_one_warm(r)
+    tries: list[str] = []
+
+    async def preloader(inst: InstanceState, model: str, deadline: float) -> str | None:
+        tries.append(inst.name)
+        return "answered 500: out of memory"
+
+    r.preloader = preloader
+    waiting = asyncio.ensure_future(r.dispatcher.acquire(M))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    gpu1 = r.instances[1]
+    assert tries == ["gpu1"] and not gpu1.loading and not gpu1.preloading
+    r.dispatcher.pump()
+    await asyncio.sleep(0)
+    assert tries == ["gpu1"]  # not again within PRELOAD_RETRY_S
+    clock.now += 31
+    r.dispatcher.pump()
+    await asyncio.sleep(0)
+    assert tries == ["gpu1", "gpu1"]
+    waiting.cancel()
+    await r.close()
+
+
+async def test_closing_the_router_cancels_background_loads() -> None:
+    r, _ = router(slots=1)
+    busy_one_warm(r)
+    started = asyncio.Event()
+
+    async def preloader(inst: InstanceState, model: str, deadline: float) -> str | None:
+        started.set()
+        await asyncio.sleep(3600)
+        return None
+
+    r.preloader = preloader
+    waiting = asyncio.ensure_future(r.dispatcher.acquire(M))
+    await asyncio.wait_for(started.wait(), 1)
+    await r.close()
+    assert not r.instances[1].preloading and not r.instances[1].loading
+    waiting.cancel()
