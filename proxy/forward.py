@@ -65,9 +65,11 @@ def upstream_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
 class StreamWatcher:
     """Looks at relayed bytes without holding them up: first byte, final metrics, error lines."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_final: Callable[[], None] | None = None) -> None:
         self.first_byte: float | None = None
         self.final: dict[str, Any] | None = None
+        self._on_final = on_final
+        """Called once, when the final metrics line comes (the generation is over)."""
         self.error: str | None = None
         """The message of an in-band ``{"error": ...}`` line (or SSE error event), if one came."""
         self.tokens = False
@@ -111,6 +113,9 @@ class StreamWatcher:
             return
         if isinstance(data, dict):
             self.final = data
+            if self._on_final is not None:
+                self._on_final()
+                self._on_final = None
 
 
 def _error_message(line: bytes) -> str:

@@ -72,6 +72,9 @@ class ModelRequest:
     """Whether Ollama would stream its answer (its default per path, or the body's ``stream``)."""
     data: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     """The parsed body."""
+    num_ctx: int = 0
+    """``options.num_ctx`` when the request sets it: a loaded model with another context would
+    be reloaded for it; 0 = not set (any context serves)."""
 
 
 def too_large(limit: int) -> BodyTooLarge:
@@ -202,7 +205,14 @@ def _model_request(
         unload=unload,
         stream=wants_stream(path, data),
         data=data,
+        num_ctx=_num_ctx(data),
     )
+
+
+def _num_ctx(data: dict[str, Any]) -> int:
+    options = data.get("options")
+    value = options.get("num_ctx") if isinstance(options, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def _conversation_key(model: str, messages: list[Any]) -> str:

@@ -75,6 +75,7 @@ async def _routed(
             wait=wait,
             user=user,
             background=background,
+            num_ctx=info.num_ctx,
         ) as lease:
             waited += lease.queued_s
             inst = lease.instance
@@ -128,7 +129,7 @@ async def _streamed(
     access: Access,
 ) -> web.StreamResponse:
     """Relay the answer as it comes; a break after the first byte ends it with an error line."""
-    watcher = StreamWatcher()
+    watcher = StreamWatcher(on_final=lambda: proxy.router.answered(lease))
     lease.outcome = Outcome.OK
     out, broken = await copy(
         request, exchange, resp, watcher, lambda: _started(proxy, lease, resp.status)

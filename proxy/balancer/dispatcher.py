@@ -49,6 +49,11 @@ class Lease:
     final: dict[str, Any] | None = None
     """The answer's final metrics line (token counts), when one came."""
     released: bool = False
+    """Its slot went back (at the answer's final line, or when it ended)."""
+    finished: bool = False
+    """The router accounted for it (once, whatever way it ended)."""
+    num_ctx: int = 0
+    """The context the request asked for (0: not set)."""
 
     @property
     def started(self) -> bool:
@@ -97,6 +102,7 @@ class Dispatcher:
         timeout: float | None = None,
         user: str = "",
         background: bool = False,
+        num_ctx: int = 0,
     ) -> Lease:
         """Wait for a slot for ``model`` up to ``timeout`` (default ``queue.timeout``); raises
         QueueFull, QueueTimeout or NoHealthyInstance. While it waits, ``background`` requests
@@ -115,6 +121,7 @@ class Dispatcher:
             asyncio.get_running_loop().create_future(),
             user=user,
             priority=BACKGROUND if background else INTERACTIVE,
+            num_ctx=num_ctx,
         )
         queue = self._queues.get(model)
         if not queue:
@@ -216,13 +223,22 @@ class Dispatcher:
         model = waiter.model
         previous = self._sessions.get(waiter.session) if waiter.session else None
         candidates = [i for i in self._candidates(model, waiter.exclude) if i.routable]
+        ctx, max_ctx = waiter.num_ctx, self.book.stats(model).max_ctx
         if self._warm_first:
             warm_free = [
-                i for i in candidates if i.takes(model) and i.inflight.get(model, 0) < i.slots
+                i
+                for i in candidates
+                if i.takes(model, ctx, max_ctx) and i.inflight.get(model, 0) < i.slots
             ]
             candidates = warm_free or candidates
         views = [
-            inst.view(model, slots=inst.slots, affinity=inst.name == previous)
+            inst.view(
+                model,
+                slots=inst.slots,
+                affinity=inst.name == previous,
+                num_ctx=ctx,
+                max_ctx=max_ctx,
+            )
             for inst in candidates
         ]
         if not views:
@@ -258,7 +274,9 @@ class Dispatcher:
         inst.reasons[decision.reason] = inst.reasons.get(decision.reason, 0) + 1
         self._on_decision(decision.reason)
         now = self._clock()
-        return Lease(inst, model, decision, now - waiter.since, cold, bound_at=now)
+        return Lease(
+            inst, model, decision, now - waiter.since, cold, bound_at=now, num_ctx=waiter.num_ctx
+        )
 
     def _abandon(self, waiter: Waiter) -> None:
         """Drop a waiter that gave up; if it was granted meanwhile, hand the slot back."""

@@ -257,15 +257,17 @@ class Monitor:
         loaded = {}
         for entry in data.get("models") or []:
             name = model_key(str(entry.get("name") or entry.get("model", "")))
-            size_vram = int(entry.get("size_vram", 0))
-            loaded[name] = LoadedModel(
+            model = LoadedModel(
                 name=name,
-                size_vram=size_vram,
+                size_vram=int(entry.get("size_vram", 0)),
                 context_length=int(entry.get("context_length", 0)),
                 size=int(entry.get("size", 0)),
             )
-            if size_vram:
-                self.book.stats(name).size_vram = size_vram
+            loaded[name] = model
+            stats = self.book.stats(name)
+            if model.size_vram:  # spilled to CPU memory: it needs all of its size on a GPU
+                stats.size_vram = max(model.size_vram, model.size)
+            stats.max_ctx = max(stats.max_ctx, model.context_length)
         if inst.memory_source == "learned":  # the most it held at once: a floor of its memory
             held = sum(m.size_vram for m in loaded.values())
             inst.memory_capacity = max(inst.memory_capacity, held)

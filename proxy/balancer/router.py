@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
@@ -109,6 +110,7 @@ class Router:
         wait: float | None = None,
         user: str = "",
         background: bool = False,
+        num_ctx: int = 0,
     ) -> AsyncIterator[Lease]:
         """A slot for ``model``, waited for up to ``wait`` seconds (default ``queue.timeout``),
         finished once however the block ends. ``user`` and ``background`` order the wait.
@@ -122,6 +124,7 @@ class Router:
             timeout=wait,
             user=user,
             background=background,
+            num_ctx=num_ctx,
         )
         try:
             yield lease
@@ -137,6 +140,17 @@ class Router:
             return
         lease.first_token_s = max(self._clock() - lease.bound_at, 0.0)
         inst, model = lease.instance, lease.model
+        current = inst.loaded.get(model)
+        if (
+            current is not None
+            and lease.num_ctx
+            and current.context_length
+            not in (
+                0,
+                lease.num_ctx,
+            )
+        ):  # Ollama reloaded it for this request's context
+            inst.loaded[model] = dataclasses.replace(current, context_length=lease.num_ctx)
         if model in inst.loaded:
             return
         self._loaded(inst, model)
@@ -163,9 +177,15 @@ class Router:
             first += max(t.load, 4 * self.book.estimate_service_s(lease.model))
         return Deadlines(first=first, idle=t.idle)
 
+    def answered(self, lease: Lease) -> None:
+        """The answer's final line came: Ollama's slot is free, so the proxy's is too, before
+        the last bytes reach the client (its accounting waits for the end)."""
+        self.dispatcher.release(lease)
+
     def _finish(self, lease: Lease) -> None:
-        if lease.released:
+        if lease.finished:
             return
+        lease.finished = True
         self.dispatcher.release(lease)
         outcome = lease.outcome or Outcome.CLIENT_GONE
         inst = lease.instance

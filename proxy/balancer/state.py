@@ -117,10 +117,18 @@ class InstanceState:
     def is_warm(self, model: str) -> bool:
         return model in self.loaded or model in self.loading
 
-    def takes(self, model: str) -> bool:
+    def takes(self, model: str, num_ctx: int = 0, max_ctx: int = 0) -> bool:
         """Requests for ``model`` may be bound here: it is loaded, or a request waits for its load
-        (not a replica loading in the background)."""
-        return self.is_warm(model) and model not in self.preloading
+        (not a replica loading in the background); with ``num_ctx``, loaded with that context, as
+        far as /api/ps tells (``max_ctx``: the largest context seen for the model, which a larger
+        ``num_ctx`` is clamped to), since another context makes Ollama reload it."""
+        if not self.is_warm(model) or model in self.preloading:
+            return False
+        loaded = self.loaded.get(model)
+        if not num_ctx or loaded is None or not loaded.context_length:
+            return True
+        ctx = loaded.context_length
+        return ctx == num_ctx or (num_ctx > ctx and ctx >= max_ctx)
 
     def has(self, model: str) -> bool:
         """Its store holds ``model`` (or may: its list was not read yet), or it runs it."""
@@ -150,14 +158,16 @@ class InstanceState:
             missing.append("num_parallel")
         return missing
 
-    def view(self, model: str, *, slots: int, affinity: bool) -> InstanceView:
+    def view(
+        self, model: str, *, slots: int, affinity: bool, num_ctx: int = 0, max_ctx: int = 0
+    ) -> InstanceView:
         busy_models = {m for m, n in self.inflight.items() if n > 0}
         return InstanceView(
             name=self.name,
             slots=slots,
             inflight=self.inflight_total(),
             inflight_model=self.inflight.get(model, 0),
-            warm=self.takes(model),
+            warm=self.takes(model, num_ctx, max_ctx),
             loading=bool(self.loading),
             free_vram=self.free_vram(),
             idle_models=len(set(self.loaded) - busy_models),
@@ -216,6 +226,10 @@ class ModelStats:
     """What the proxy learned about one model from the traffic it relayed."""
 
     size_vram: int = 0
+    """Bytes it needs to run on a GPU: its ``size`` in /api/ps (a spilled copy's ``size_vram``
+    is what fitted, not what it needs)."""
+    max_ctx: int = 0
+    """The largest context /api/ps showed it with: a larger ``num_ctx`` is clamped to it."""
     service_s: float = 0.0
     load_s: float = 0.0
     prompt_tps: float = 0.0

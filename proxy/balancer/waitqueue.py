@@ -34,6 +34,7 @@ class Waiter:
     future: asyncio.Future[Any] = field(repr=False)
     user: str = ""
     priority: int = INTERACTIVE
+    num_ctx: int = 0
 
 
 class WaitQueue:

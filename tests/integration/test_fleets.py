@@ -334,3 +334,18 @@ async def test_a_replica_loads_in_the_background_and_no_request_waits_for_its_lo
         assert {r["reason"] for r in recent} <= {"warm", "affinity"}  # none bound to a load
         assert instance(report, "gpu1")["reasons"].get("scale_out") == 1
         assert sorted(box.loaded()["gpu1"]) == [EVERYWHERE]
+
+
+async def test_a_model_that_spilled_is_known_by_the_size_it_needs_not_what_fitted(
+    tmp_path: Path,
+) -> None:
+    async with farm(tmp_path, gpus=(4,)) as box:  # 4 GiB: llama3.1:8b spills to CPU memory
+        code, _ = await call("POST", box.url + "/api/generate", {"model": "llama3.1:8b"})
+        assert code == 200
+        await monitor_of(box).check_all()
+        code, body = await call("GET", box.url + "/api/ps")
+        (entry,) = json.loads(body)["models"]
+        assert entry["size"] > entry["size_vram"]  # it spilled
+        app = box.proxy_server.app
+        assert app is not None
+        assert app[PROXY].book.estimate_size("llama3.1:8b") == entry["size"]

@@ -305,3 +305,41 @@ async def test_closing_the_router_cancels_background_loads() -> None:
     await r.close()
     assert not r.instances[1].preloading and not r.instances[1].loading
     waiting.cancel()
+
+
+async def test_the_slot_comes_back_at_the_final_line_and_the_rest_is_accounted_at_the_end() -> None:
+    r, _ = router(n=1, warm=True, slots=1)
+    async with r.lease(M) as lease:
+        r.started(lease)
+        waiting = asyncio.ensure_future(r.dispatcher.acquire(M))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        r.answered(lease)  # the final line: Ollama's slot is free
+        next_one = await asyncio.wait_for(waiting, 1)
+        assert next_one.instance is lease.instance and not lease.finished
+        lease.outcome = Outcome.OK
+    assert lease.finished and len(lease.instance.recent_ttft) == 1  # accounted once, at the end
+    assert held(r) == 1  # only the next request's slot
+    r.dispatcher.release(next_one)
+
+
+async def test_a_request_for_another_context_goes_where_that_context_runs_or_loads() -> None:
+    r, _ = router(n=2, slots=2)
+    gpu0, gpu1 = r.instances
+    gpu0.loaded[M] = LoadedModel(name=M, size_vram=6 * GIB, context_length=4096)
+    r.book.stats(M).max_ctx = 32768
+    same = await r.dispatcher.acquire(M, num_ctx=4096)
+    plain = await r.dispatcher.acquire(M)
+    assert same.instance is gpu0 and plain.instance is gpu0  # no context asked: any serves
+    other = await r.dispatcher.acquire(M, num_ctx=16384)
+    assert (other.instance, other.decision.reason) == (gpu1, "cold_fit")  # no reload on gpu0
+    r.started(other)
+    assert gpu1.loaded[M].context_length == 0  # unknown until /api/ps says
+    huge = await r.dispatcher.acquire(M, num_ctx=10**6)  # clamped to what the model can do
+    assert huge.instance is gpu1  # 0 = unknown counts as a match; gpu0 is full
+    for lease in (same, plain, other, huge):
+        r.dispatcher.release(lease)
+    gpu1.loaded[M] = LoadedModel(name=M, size_vram=6 * GIB, context_length=32768)
+    clamped = await r.dispatcher.acquire(M, num_ctx=10**6)
+    assert clamped.instance is gpu1  # 32768 is the most it runs with: no reload for more
+    r.dispatcher.release(clamped)
