@@ -1,4 +1,6 @@
-"""The proxy's own endpoints: /proxy/status (what the router sees) and /metrics.
+"""The proxy's own endpoints: /proxy/status (what the router sees), /metrics and the probes.
+
+The health probes ``/proxy/live`` and ``/proxy/ready`` are in ``api/health.py``.
 
 ``/proxy/status`` is the JSON that ``ollamux status`` renders (commands/status.py): per instance its
 health, GPUs with memory, loaded models, slots, in-flight requests, recent time to first token and
@@ -17,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from proxy import __version__, eventloop
+from proxy.api import health
 from proxy.api.context import PROXY
 from proxy.api.ollama import json_response
 from proxy.balancer.state import InstanceState
@@ -27,6 +30,7 @@ def routes(registry: CollectorRegistry) -> list[web.RouteDef]:
     return [
         web.get("/proxy/status", status),
         web.get("/metrics", make_aiohttp_handler(registry)),
+        *health.routes(),
     ]
 
 

@@ -6,6 +6,8 @@ scheme in any case) and gets 401 with ``WWW-Authenticate: Bearer`` and an Ollama
 
 - ``GET /`` and ``HEAD /`` (health probes), and ``OPTIONS`` (CORS preflights, which the edge
   answers before this middleware sees them);
+- ``GET /proxy/live`` and ``/proxy/ready`` (orchestrators' probes, ``api/health.py``), even with
+  ``auth.protect_status``: probes carry no keys, and these tell only whether an instance can serve;
 - ``GET /proxy/status``, ``/proxy/instances`` and ``/metrics``, unless ``auth.protect_status``
   (then a key or the admin token);
 - ``GET /proxy/ui`` and its files (``api/ui.py``): they hold no data, and a browser cannot send a
@@ -47,6 +49,7 @@ from multidict import CIMultiDict
 from proxy.api.body import READ_BODY, off_loop, request_body
 from proxy.api.context import PROXY
 from proxy.api.error_replies import error_response
+from proxy.api.stopping import PROBES
 from proxy.api.ui import PATHS as PAGE
 from proxy.background import running
 from proxy.errors import ConfigError
@@ -200,7 +203,9 @@ def _admin_reads(request: web.Request, auth: Auth, token: str) -> bool:
 def _open(request: web.Request, auth: Auth) -> bool:
     """Requests that need no key even while keys are configured."""
     method, path = request.method, request.path
-    if method == "OPTIONS" or ((path == "/" or path in PAGE) and method in ("GET", "HEAD")):
+    if method == "OPTIONS" or (
+        (path == "/" or path in PAGE or path in PROBES) and method in ("GET", "HEAD")
+    ):
         return True
     if path in STATUS and method in ("GET", "HEAD"):
         return not auth.protect_status

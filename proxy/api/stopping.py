@@ -5,6 +5,7 @@
 1. the listening socket closes, so new connections are refused;
 2. the :class:`Gate` closes: a request arriving on a connection that was already open gets 503 with
    ``Retry-After`` and ``Connection: close``, in Ollama's error shape (OpenAI's under ``/v1``);
+   the health probes (:data:`PROBES`) still get their own answers: live 200, ready 503 "stopping";
 3. requests in flight, streams included, run to their end, up to ``timeouts.drain``;
 4. what is still running then (or at once on a second signal) is cut: its connection is closed.
 
@@ -26,6 +27,7 @@ from proxy.api.error_replies import error_response
 __all__ = [
     "FINAL_WRITES",
     "GATE",
+    "PROBES",
     "RETRY_AFTER",
     "Gate",
     "cut_connections",
@@ -40,6 +42,8 @@ RETRY_AFTER = 5
 FINAL_WRITES = 2.0
 """Grace aiohttp gives handlers that returned to finish writing, once nothing is in flight."""
 STOPPING = "the proxy is stopping and takes no new requests; retry shortly"
+PROBES = frozenset({"/proxy/live", "/proxy/ready"})
+"""Health probes (api/health.py): answered while draining, and not counted as in flight."""
 
 
 class Gate:
@@ -58,6 +62,8 @@ class Gate:
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Outermost middleware: a request counts while its handler runs (a stream, to its end)."""
+        if request.path in PROBES:
+            return await handler(request)  # cheap, never awaits an instance: nothing to drain
         if self.closed:
             self.refused += 1
             return refuse(request)
