@@ -20,6 +20,19 @@ def ollamux_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
 
 
+def ollamux(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`ollamux ARGS` from this checkout, run to its end, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        cwd=REPO,
+        env=ollamux_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
 def spawner(logs: Path) -> Iterator[Spawn]:
     """A ``spawn`` whose processes write to files in ``logs`` and are killed when it closes."""
     started: list[subprocess.Popen[str]] = []

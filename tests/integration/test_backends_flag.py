@@ -13,19 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import REPO, free_ports, ollamux_env
-
-
-def ollamux(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "proxy", *args],
-        cwd=REPO,
-        env=ollamux_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
+from tests.processes import REPO, free_ports, ollamux, ollamux_env
 
 
 def start(*args: str, logs: Path) -> tuple[subprocess.Popen[str], Path]:

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from proxy import __version__
-from tests.processes import REPO, alive, children_of, free_ports, ollamux_env
+from tests.processes import REPO, alive, children_of, free_ports, ollamux, ollamux_env
 
 CONFIG_FILES = sorted((REPO / "config").glob("*.yaml"))
 LINUX = sys.platform.startswith("linux")
@@ -28,18 +28,6 @@ needs_server = pytest.mark.skipif(
     importlib.util.find_spec("proxy.emulator.server") is None,
     reason="proxy.emulator.server is not written yet",
 )
-
-
-def ollamux(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "proxy", *args],
-        cwd=REPO,
-        env=ollamux_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 def get(url: str) -> tuple[int, str]:
