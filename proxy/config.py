@@ -187,9 +187,14 @@ class RoutingConfig:
     request that asked for it waits for the load there, even if a warm slot frees first)."""
     attempts: int = 3
     """Distinct instances a request may be tried on before its first byte reaches the client."""
+    overcommit: int = 0
+    """Requests per instance bound beyond its slots while every warm slot is busy and no replica
+    is worth loading: they wait inside Ollama and start the moment a slot frees, with no trip
+    back through the proxy; 0 = none (every wait is in the proxy, where it can move)."""
 
     def __post_init__(self) -> None:
         check(self.attempts >= 1, "attempts", "must be >= 1, e.g. 3")
+        check(0 <= self.overcommit <= 4, "overcommit", "must be 0 to 4, e.g. 1")
 
 
 @dataclass(frozen=True, kw_only=True)

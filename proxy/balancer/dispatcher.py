@@ -128,7 +128,7 @@ class Dispatcher:
             lease = self._try(waiter)
             if lease is not None:
                 return lease
-        self._admit(model)
+        self._admit(waiter)
         self._queues.setdefault(model, WaitQueue()).append(waiter)
         self._on_decision("queued")
         self.pump(model)  # a longer queue can make a replica worth loading now (scale-out)
@@ -206,13 +206,20 @@ class Dispatcher:
         """Instances that hold ``model`` (their own store has it), less ``exclude``."""
         return [i for name, i in self.instances.items() if name not in exclude and i.has(model)]
 
-    def _admit(self, model: str) -> None:
+    def _admit(self, waiter: Waiter) -> None:
+        """Refuse ``waiter`` when the queues are full, unless another user holds more than its
+        share of the model's queue: then that user's newest request is refused instead."""
+        model = waiter.model
         if self.depth(model) >= self.limits.max_per_model:
-            raise QueueFull(
+            full = QueueFull(
                 f"too many requests waiting for model {model!r} "
                 f"(queue.max_per_model = {self.limits.max_per_model})",
                 retry_after=2,
             )
+            victim = self._queues[model].make_room_for(waiter.user)
+            if victim is None:
+                raise full
+            victim.future.set_exception(full)
         if self.depth() >= self.limits.max_total:
             raise QueueFull(
                 f"too many requests waiting (queue.max_total = {self.limits.max_total})",
@@ -284,7 +291,7 @@ class Dispatcher:
         if queue is not None:
             queue.remove(waiter)
         future = waiter.future
-        if future.done() and not future.cancelled():
+        if future.done() and not future.cancelled() and future.exception() is None:
             self.release(future.result())
         else:
             future.cancel()

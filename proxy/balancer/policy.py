@@ -14,7 +14,7 @@ from typing import Literal, Protocol
 
 from proxy.balancer.state import InstanceView, RouteRequest
 
-Reason = Literal["warm", "affinity", "scale_out", "cold_fit", "evict", "fallback"]
+Reason = Literal["warm", "affinity", "scale_out", "cold_fit", "evict", "fallback", "overcommit"]
 """Why an instance was chosen; ``queued`` (no decision) is counted by the dispatcher."""
 
 

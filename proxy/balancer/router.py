@@ -173,7 +173,7 @@ class Router:
             first = max(first, 3 * prompt_bytes / CHARS_PER_TOKEN / stats.prompt_tps)
         if lease.cold:
             first += max(t.load, 4 * self.book.estimate_load_s(lease.model))
-        if silent:
+        if silent or lease.decision.reason == "overcommit":  # or it waits behind another
             first += max(t.load, 4 * self.book.estimate_service_s(lease.model))
         return Deadlines(first=first, idle=t.idle)
 

@@ -96,6 +96,22 @@ class WaitQueue:
             if not lane:
                 self._drop_lane(key)
 
+    def make_room_for(self, user: str) -> Waiter | None:
+        """The queue is full and ``user`` asks: the newest waiter of the user with the most
+        waiting, taken out, when that user has at least two more waiting than ``user`` (so one
+        user's flood gives way to the others; a user alone keeps first come, first served)."""
+        counts: dict[str, int] = {}
+        for (_priority, who), lane in self._lanes.items():
+            counts[who] = counts.get(who, 0) + len(lane)
+        heaviest = max(counts, key=lambda who: (counts[who], who), default=None)
+        if heaviest is None or counts[heaviest] < counts.get(user, 0) + 2:
+            return None
+        lanes = [k for k in self._lanes if k[1] == heaviest]
+        key = max(lanes, key=lambda k: (k[0], self._lanes[k][-1].since))  # background first
+        victim = self._lanes[key][-1]
+        self.remove(victim)
+        return victim
+
     def _drop_lane(self, key: tuple[int, str]) -> None:
         del self._lanes[key]
         if len(self._served) > USERS_KEPT:  # forget the users served longest ago

@@ -220,3 +220,29 @@ async def test_a_user_alone_is_served_first_come_first_served() -> None:
         assert task.done() and sum(w.done() for w in waiting) == waiting.index(task) + 1
         lease = task.result()
     d.release(lease)
+
+
+async def test_a_full_queue_refuses_the_flooding_users_newest_request_not_the_newcomer() -> None:
+    d, _ = dispatcher(instances(n=1, slots=1), max_per_model=4)
+    running = await d.acquire(M, user="flood")
+    flood = [asyncio.ensure_future(d.acquire(M, user="flood")) for _ in range(4)]
+    await settle()
+    alone = asyncio.ensure_future(d.acquire(M, user="flood"))
+    await settle()
+    with pytest.raises(QueueFull):  # one user alone: the queue is full for it as before
+        alone.result()
+    ann = asyncio.ensure_future(d.acquire(M, user="ann"))
+    await settle()
+    assert not ann.done() and d.depth(M) == 4
+    with pytest.raises(QueueFull, match="max_per_model"):
+        flood[-1].result()  # the flood's newest made way
+    assert not any(f.done() for f in flood[:-1])
+    d.release(running)
+    await settle()
+    assert ann.done() or flood[0].done()
+    for task in [*flood[:-1], ann]:
+        if task.done() and not task.cancelled() and task.exception() is None:
+            d.release(task.result())
+        else:
+            task.cancel()
+    await settle()

@@ -12,6 +12,7 @@ from proxy.balancer.policies import POLICIES, make_policy
 from proxy.balancer.policies.random_choice import RandomChoice
 from proxy.balancer.policies.round_robin import RoundRobin
 from proxy.balancer.policies.vram_queue import VramQueue
+from proxy.balancer.policy import Decision
 from proxy.balancer.state import InstanceView, RouteRequest
 from proxy.config import RoutingConfig
 
@@ -177,3 +178,16 @@ def test_the_config_and_the_benchmark_name_the_registrys_policies() -> None:
     assert set(PROXIED) <= set(POLICIES)
     for name in POLICIES:
         assert RoutingConfig(policy=name).policy == name  # type: ignore[arg-type]
+
+
+def test_vram_queue_overcommits_one_request_into_the_least_loaded_warm_instance() -> None:
+    busy = [
+        view("a", slots=2, warm=True, inflight_model=2, inflight=2),
+        view("b", slots=2, warm=True, inflight_model=2, inflight=3),
+    ]
+    request = RouteRequest(model="m", est_size=5 * GIB, service_s=1.0, load_s=30.0)
+    assert VramQueue().select(request, busy) is None  # by default every wait is in the proxy
+    one = VramQueue(RoutingConfig(overcommit=1))
+    assert one.select(request, busy) == Decision("a", "overcommit")
+    full = [view("a", slots=2, warm=True, inflight_model=3, inflight=3)]
+    assert one.select(request, full) is None  # at most one beyond its slots

@@ -33,6 +33,7 @@ class VramQueue:
         config = config or RoutingConfig()
         self.session_affinity = config.session_affinity
         self.scale_out = config.scale_out
+        self.overcommit = config.overcommit
 
     def select(self, request: RouteRequest, instances: Sequence[InstanceView]) -> Decision | None:
         available = [v for v in instances if v.available]
@@ -44,7 +45,7 @@ class VramQueue:
         fitting = [v for v in can_load if fits(v, request.est_size)]
         if warm:
             if not (self.scale_out and fitting):
-                return None
+                return self._overcommit(warm)
             # A GPU with nothing loaded loses nothing by taking a replica: fill it at once.
             # Elsewhere the replica must pay for itself: the wait behind the warm ones must
             # exceed its load time.
@@ -54,7 +55,7 @@ class VramQueue:
             capacity = sum(v.slots for v in warm)
             expected_wait = (request.queued_ahead + 1) * request.service_s / capacity
             if expected_wait <= request.load_s:
-                return None
+                return self._overcommit(warm)
             return Decision(_roomiest(fitting).name, "scale_out")
         if fitting:
             return Decision(_roomiest(fitting).name, "cold_fit")
@@ -64,6 +65,15 @@ class VramQueue:
         if available:  # every instance is loading: take the least loaded rather than stall
             return Decision(min(available, key=lambda v: (v.inflight, v.name)).name, "fallback")
         return None
+
+    def _overcommit(self, warm: list[InstanceView]) -> Decision | None:
+        """Every warm slot is busy: queue one more inside the least loaded warm instance, up to
+        ``overcommit`` beyond its slots, so it starts as soon as a slot frees there."""
+        room = [v for v in warm if v.inflight_model < v.slots + self.overcommit]
+        if not room:
+            return None
+        best = min(room, key=lambda v: (v.inflight_model - v.slots, v.inflight, v.name))
+        return Decision(best.name, "overcommit")
 
     def _warm(self, warm_free: list[InstanceView]) -> Decision:
         best = min(warm_free, key=lambda v: (v.inflight, v.inflight_model, v.name))
