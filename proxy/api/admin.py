@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from proxy import __version__, eventloop
-from proxy.api import health
+from proxy.api import health, node_state
 from proxy.api.context import PROXY
 from proxy.api.ollama import json_response
 from proxy.balancer.state import InstanceState
@@ -31,6 +31,7 @@ def routes(registry: CollectorRegistry) -> list[web.RouteDef]:
         web.get("/proxy/status", status),
         web.get("/metrics", make_aiohttp_handler(registry)),
         *health.routes(),
+        *node_state.routes(),
     ]
 
 

@@ -8,8 +8,8 @@ scheme in any case) and gets 401 with ``WWW-Authenticate: Bearer`` and an Ollama
   answers before this middleware sees them);
 - ``GET /proxy/live`` and ``/proxy/ready`` (orchestrators' probes, ``api/health.py``), even with
   ``auth.protect_status``: probes carry no keys, and these tell only whether an instance can serve;
-- ``GET /proxy/status``, ``/proxy/instances`` and ``/metrics``, unless ``auth.protect_status``
-  (then a key or the admin token);
+- ``GET /proxy/status``, ``/proxy/node``, ``/proxy/instances`` and ``/metrics``, unless
+  ``auth.protect_status`` (then a key or the admin token);
 - ``GET /proxy/ui`` and its files (``api/ui.py``): they hold no data, and a browser cannot send a
   key when it opens a page; the page reads ``/proxy/status`` under that endpoint's rule, asking
   for a key when it needs one;
@@ -67,7 +67,7 @@ ANONYMOUS = "anonymous"
 POLL_INTERVAL = 2.0
 """Seconds between two looks at the key file for changes."""
 
-STATUS = frozenset({"/proxy/status", "/proxy/instances", "/metrics"})
+STATUS = frozenset({"/proxy/status", "/proxy/node", "/proxy/instances", "/metrics"})
 INFERENCE = {
     "GET": frozenset({"/", "/api/version", "/api/tags", "/api/ps", "/v1/models"} | STATUS),
     "POST": frozenset({"/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/show"}),

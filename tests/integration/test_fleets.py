@@ -349,3 +349,38 @@ async def test_a_model_that_spilled_is_known_by_the_size_it_needs_not_what_fitte
         app = box.proxy_server.app
         assert app is not None
         assert app[PROXY].book.estimate_size("llama3.1:8b") == entry["size"]
+
+
+# --- what a node publishes for a front ----------------------------------------------------------
+
+
+async def test_a_node_publishes_per_model_what_a_front_needs(tmp_path: Path) -> None:
+    async with farm(tmp_path, gpus=(24, 24, 24), stores="separate", num_parallel=2) as box:
+        await remove_behind_the_proxy(box, ONLY_ONE, ["gpu0", "gpu1"])
+        await box_refresh(box)
+        await call("POST", box.url + "/api/generate", {"model": EVERYWHERE, "keep_alive": -1})
+        box.engines[0].faults.slow = 30.0  # the next request holds a slot while we look
+        long = {**chat(EVERYWHERE, stream=True), "options": {"num_predict": 3000}}
+        holding = asyncio.ensure_future(call("POST", box.url + "/api/chat", long))
+        for _ in range(100):
+            code, body = await call("GET", box.url + "/proxy/node")
+            node = json.loads(body)
+            if node["models"][EVERYWHERE]["busy"] == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert code == 200 and node["schema"] == 1
+        assert node["instances"] == {"up": 3, "total": 3}
+        warm = node["models"][EVERYWHERE]
+        assert {k: warm[k] for k in ("held", "warm", "slots", "busy", "free", "queued")} == {
+            "held": 3,
+            "warm": 1,
+            "slots": 2,
+            "busy": 1,
+            "free": 1,
+            "queued": 0,
+        }
+        assert warm["load_s"] > 0 and warm["service_s"] > 0
+        assert node["models"][ONLY_ONE]["held"] == 1 and node["models"][ONLY_ONE]["warm"] == 0
+        box.engines[0].faults.slow = 1.0
+        holding.cancel()
+        await asyncio.gather(holding, return_exceptions=True)
