@@ -24,6 +24,7 @@ from proxy.commands import (
     gpus,
     instances_cli,
     keys,
+    plan,
     serve,
     status,
     systemd,
@@ -51,6 +52,7 @@ class Command(Protocol):
 
 COMMANDS: tuple[Command, ...] = (
     config_check,
+    plan,
     serve,
     demo,
     emulate,

@@ -45,6 +45,9 @@ EXAMPLES: dict[str, str] = {
     "  ollamux serve --log-level debug --log-format json",
     "config": "ollamux config check /etc/ollamux/ollamux.yaml",
     "config check": "ollamux config check config/demo.yaml",
+    "plan": "ollamux plan --model llama3.3:70b --model qwen2.5:32b --users 8 > ollamux.yaml\n"
+    "  ollamux plan --gpu rtx4090:24 --gpu rtx4090:24 --gpu rtx4090:24 --gpu rtx4090:24 "
+    "--model llama3.3:70b --model qwen2.5:32b",
     "serve": "ollamux serve --config /etc/ollamux/ollamux.yaml\n"
     "  ollamux serve                      # no config: one Ollama per NVIDIA GPU (NVML)\n"
     "  ollamux serve --backend http://10.0.0.5:11434 --backend http://10.0.0.6:11434 "
