@@ -238,6 +238,7 @@ class Dispatcher:
                 if i.takes(model, ctx, max_ctx) and i.inflight.get(model, 0) < i.slots
             ]
             candidates = warm_free or candidates
+        fastest = max((i.decode_tps.get(model, 0.0) for i in candidates), default=0.0)
         views = [
             inst.view(
                 model,
@@ -245,6 +246,7 @@ class Dispatcher:
                 affinity=inst.name == previous,
                 num_ctx=ctx,
                 max_ctx=max_ctx,
+                speed=inst.speed_for(model, fastest),
             )
             for inst in candidates
         ]

@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from proxy.balancer.dispatcher import DecisionHook, Dispatcher, Lease
 from proxy.balancer.outlier import Outliers
@@ -34,6 +34,9 @@ log = logging.getLogger("ollamux.router")
 
 CHARS_PER_TOKEN = 4
 """A prompt's length in tokens, roughly, from its body's bytes (a generous deadline's input)."""
+MIN_TOKENS_FOR_SPEED = 8
+SPEED_WEIGHT = 0.2
+"""How much one answer moves an instance's learned relative speed."""
 PRELOAD_RETRY_S = 30.0
 """After a background load failed on an instance, how long before it is tried there again."""
 _FAILURES = frozenset({Outcome.CONNECT, Outcome.TIMEOUT, Outcome.STATUS, Outcome.MIDSTREAM})
@@ -197,12 +200,27 @@ class Router:
         self.outliers.success(inst)
         assert lease.first_token_s is not None
         inst.recent_ttft.append(lease.queued_s + lease.first_token_s)
+        self._learn_speed(inst, lease.model, lease.final or {})
         stats = self.book.stats(lease.model)
         if not lease.cold:
             stats.observe_service(max(self._clock() - lease.bound_at, 0.0))
             prompt = (lease.final or {}).get("prompt_eval_count")
             if isinstance(prompt, int):
                 stats.observe_prompt(prompt, lease.first_token_s)
+
+    def _learn_speed(self, inst: InstanceState, model: str, final: dict[str, Any]) -> None:
+        """Decode speed from Ollama's final line (``eval_count`` over ``eval_duration``), and
+        this instance's speed against the fastest one that ran the same model."""
+        count, duration = final.get("eval_count"), final.get("eval_duration")
+        if not isinstance(count, int) or not isinstance(duration, int) or duration <= 0:
+            return
+        if count < MIN_TOKENS_FOR_SPEED:
+            return  # a few tokens say more about the prompt than about the GPU
+        inst.observe_decode(model, count / (duration / 1e9))
+        fastest = max(i.decode_tps.get(model, 0.0) for i in self.instances)
+        ratio = inst.decode_tps[model] / fastest
+        old = inst.relative_speed
+        inst.relative_speed = ratio if not old else (1 - SPEED_WEIGHT) * old + SPEED_WEIGHT * ratio
 
     # --- replicas loaded in the background ------------------------------------------------------
 

@@ -96,6 +96,11 @@ class InstanceState:
     recent_ttft: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
     reasons: dict[str, int] = field(default_factory=dict)
     """Requests bound here, by the policy's reason (for ``/proxy/status``)."""
+    decode_tps: dict[str, float] = field(default_factory=dict)
+    """Tokens per second it generated each model at (from answers' final lines, averaged)."""
+    relative_speed: float = 0.0
+    """Its decode speed against the fastest instance's for the same models (1.0 = the fastest;
+    0 = not learned yet): what it is likely to do with a model it never ran."""
 
     @property
     def state(self) -> str:
@@ -158,8 +163,27 @@ class InstanceState:
             missing.append("num_parallel")
         return missing
 
+    def speed_for(self, model: str, fastest: float) -> float:
+        """How fast it runs ``model`` against the fastest instance (``fastest`` tokens/s); 1.0
+        while nothing is known."""
+        tps = self.decode_tps.get(model, 0.0)
+        if tps and fastest:
+            return tps / fastest
+        return self.relative_speed or 1.0
+
+    def observe_decode(self, model: str, tps: float) -> None:
+        old = self.decode_tps.get(model, 0.0)
+        self.decode_tps[model] = tps if not old else _ewma(old, tps)
+
     def view(
-        self, model: str, *, slots: int, affinity: bool, num_ctx: int = 0, max_ctx: int = 0
+        self,
+        model: str,
+        *,
+        slots: int,
+        affinity: bool,
+        num_ctx: int = 0,
+        max_ctx: int = 0,
+        speed: float = 1.0,
     ) -> InstanceView:
         busy_models = {m for m, n in self.inflight.items() if n > 0}
         return InstanceView(
@@ -173,6 +197,7 @@ class InstanceState:
             idle_models=len(set(self.loaded) - busy_models),
             loaded_models=len(self.loaded) + len(self.loading),
             affinity=affinity,
+            speed=speed,
         )
 
 
@@ -197,6 +222,8 @@ class InstanceView:
     """Models loaded or loading there: each competes with a new one for the GPU's compute."""
     affinity: bool = False
     """The request's session last ran here (its prompt cache is warm)."""
+    speed: float = 1.0
+    """How fast it generates this model against the fastest instance (learned; 1.0 unknown)."""
 
     @property
     def available(self) -> bool:

@@ -191,3 +191,14 @@ def test_vram_queue_overcommits_one_request_into_the_least_loaded_warm_instance(
     assert one.select(request, busy) == Decision("a", "overcommit")
     full = [view("a", slots=2, warm=True, inflight_model=3, inflight=3)]
     assert one.select(request, full) is None  # at most one beyond its slots
+
+
+def test_vram_queue_loads_a_model_on_the_faster_gpu_when_both_have_room() -> None:
+    slow = view("l40s", free_vram=40 * GIB, speed=0.85)
+    fast = view("rtx", free_vram=20 * GIB, speed=1.0)
+    decision = VramQueue().select(REQ, [slow, fast])
+    assert decision == Decision("rtx", "cold_fit")  # speed before free memory
+    same = view("rtx", free_vram=20 * GIB, speed=0.9)  # within a tenth: free memory decides
+    assert VramQueue().select(REQ, [slow, same]) == Decision("l40s", "cold_fit")
+    shared = view("rtx", free_vram=20 * GIB, speed=1.0, loaded_models=1)
+    assert VramQueue().select(REQ, [slow, shared]) == Decision("l40s", "cold_fit")  # not shared

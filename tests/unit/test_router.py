@@ -343,3 +343,22 @@ async def test_a_request_for_another_context_goes_where_that_context_runs_or_loa
     clamped = await r.dispatcher.acquire(M, num_ctx=10**6)
     assert clamped.instance is gpu1  # 32768 is the most it runs with: no reload for more
     r.dispatcher.release(clamped)
+
+
+async def test_decode_speed_is_learned_per_instance_from_the_final_line() -> None:
+    r, _ = router(n=2, warm=True, slots=2)
+    gpu0, gpu1 = r.instances
+    for inst, tps in ((gpu0, 100.0), (gpu1, 85.0)):
+        async with r.lease(M, exclude=[i.name for i in r.instances if i is not inst]) as lease:
+            r.started(lease)
+            lease.outcome = Outcome.OK
+            lease.final = {"eval_count": int(tps), "eval_duration": 10**9}
+    assert gpu0.decode_tps[M] == 100.0 and gpu1.decode_tps[M] == 85.0
+    assert gpu0.speed_for(M, 100.0) == 1.0 and gpu1.speed_for(M, 100.0) == 0.85
+    assert gpu1.relative_speed == 0.85  # what it will likely do with a model it never ran
+    assert gpu1.speed_for("other:latest", 100.0) == 0.85
+    async with r.lease(M) as lease:  # a short answer says nothing about the GPU
+        r.started(lease)
+        lease.outcome = Outcome.OK
+        lease.final = {"eval_count": 2, "eval_duration": 10**6}
+    assert gpu0.decode_tps[M] == 100.0

@@ -8,6 +8,8 @@ from proxy.balancer.policy import Decision, fits
 from proxy.balancer.state import InstanceView, RouteRequest
 from proxy.config import RoutingConfig
 
+SPEED_SLACK = 0.1
+"""Instances within this of the fastest one's relative speed count as equally fast."""
 AFFINITY_SLACK = 1
 """The session's previous instance wins while it has at most this many more in flight."""
 
@@ -85,5 +87,13 @@ class VramQueue:
 
 
 def _roomiest(views: list[InstanceView]) -> InstanceView:
-    """Fewest models sharing the GPU (they would compete for its compute), then most free VRAM."""
-    return min(views, key=lambda v: (v.loaded_models, -(v.free_vram or 0), v.inflight, v.name))
+    """Fewest models sharing the GPU (they would compete for its compute), then a GPU about as
+    fast as the fastest for the model (learned; within ``SPEED_SLACK``, so noise does not
+    decide), then most free VRAM."""
+    top = max(v.speed for v in views)
+
+    def rank(v: InstanceView) -> tuple[int, bool, int, int, str]:
+        slower = v.speed < top - SPEED_SLACK
+        return (v.loaded_models, slower, -(v.free_vram or 0), v.inflight, v.name)
+
+    return min(views, key=rank)
