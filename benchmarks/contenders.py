@@ -9,7 +9,12 @@
 - ``spread_np4`` / ``spread_np16``: one emulated Ollama over all four GPUs with
   ``OLLAMA_SCHED_SPREAD``, with the per-GPU servers' NUM_PARALLEL and with four times it;
 - ``litellm_least_busy``, ``litellm_shuffle``, ``herd``: routers someone else wrote, in front of
-  the same four instances (benchmarks/peers.py).
+  the same four instances (benchmarks/peers.py);
+- ``spread_keepalive`` (``_npN``): the setup ollamux replaces, exactly: one Ollama over all the
+  GPUs with ``OLLAMA_SCHED_SPREAD=1`` and ``OLLAMA_KEEP_ALIVE=-1``, NUM_PARALLEL left at Ollama's
+  default (1), or N;
+- ``ollamux_plan``: ``ollamux serve`` (vram_queue) with the instances ``ollamux plan`` proposes
+  for the box's GPUs and the scenario's models (proxy/planner.py), groups of GPUs included.
 """
 
 from __future__ import annotations
@@ -29,12 +34,17 @@ from benchmarks import emulator_knobs
 from benchmarks.openai_wire import NATIVE
 from benchmarks.peer_env import PEERS
 from benchmarks.procs import ROOT, Child, children_of, free_port, ollamux_argv, wait_http
-from benchmarks.workload import Req
+from benchmarks.workload import Req, Scenario
 from proxy.config import GpuSpec, load_config
 
 DEMO_CONFIG = ROOT / "config" / "demo.yaml"
 PROXIED = ("vram_queue", "least_connections", "round_robin")
+VARIANTS = {"vram_queue_oc1": ("vram_queue", {"overcommit": 1})}
+"""ollamux with a routing setting other than its default: name -> (policy, routing keys)."""
 CONTENDERS = (*PROXIED, "random", "nginx", "spread_np4", "spread_np16", *PEERS)
+PLANNED = "ollamux_plan"
+BOX_CONTENDERS = (PLANNED, "spread_keepalive", "spread_keepalive_np4")
+"""Run only when named (a scenario with a box of its own names them)."""
 LOWER_BOUND = "lower_bound"
 
 
@@ -47,6 +57,18 @@ class Box:
     context_length: int
     spread_knobs: tuple[str, ...] = ()
     """Flags of benchmarks.emulator_knobs for the spread servers (the sensitivity runs)."""
+    models: tuple[str, ...] = ()
+    """The models users run, for ``ollamux_plan``'s planner."""
+    users: int = 4
+    """Concurrent chats ``ollamux_plan`` plans for."""
+
+    def for_scenario(self, scenario: Scenario) -> Box:
+        """This box, or the scenario's own GPUs (at the same NUM_PARALLEL and context)."""
+        gpus = self.gpus
+        if scenario.gpus:
+            gpus = tuple(GpuSpec(name=n, memory_gib=gib) for n, gib in scenario.gpus)
+        users = scenario.users or self.users
+        return dataclasses.replace(self, gpus=gpus, models=tuple(scenario.models), users=users)
 
     @classmethod
     def from_config(cls, path: Path = DEMO_CONFIG) -> Box:
@@ -120,6 +142,29 @@ def box_config(
     }
 
 
+def planned_config(box: Box, *, speed: float, listen_port: int, timeout: float) -> dict[str, Any]:
+    """An ollamux config (vram_queue) with the instances ``ollamux plan`` proposes for the box's
+    GPUs, the models users run and ``box.users`` chats at the box's context."""
+    from proxy.commands.plan import parse_model
+    from proxy.planner import Card, config_dict, plan
+
+    cards = [Card(index=i, name=g.name, memory=g.memory_bytes) for i, g in enumerate(box.gpus)]
+    models = [parse_model(m) for m in box.models]
+    proposed = config_dict(
+        plan(cards, models, context=box.context_length, users=box.users), emulated=True
+    )
+    config = box_config(
+        box,
+        speed=speed,
+        policy="vram_queue",
+        listen_port=listen_port,
+        ports=[0] * len(box.gpus),
+        timeout=timeout,
+    )
+    config["instances"] = [{**i, "port": free_port()} for i in proposed["instances"]]
+    return config
+
+
 def nginx_conf(prefix: Path, port: int, upstreams: list[int]) -> str:
     """nginx as people put it in front of several Ollama servers, made fit for token streams."""
     servers = "\n".join(f"        server 127.0.0.1:{p} max_fails=0;" for p in upstreams)
@@ -184,7 +229,7 @@ async def start(
 
             yield await peers.start_peer(name, box, speed, workdir, children, timeout, api)
             return
-        if name in PROXIED:
+        if name in PROXIED or name in VARIANTS:
             running = await _ollamux(name, box, speed, workdir, children, timeout)
         elif name in ("random", "nginx"):
             urls, pids = await start_instances(box, speed, workdir, children, timeout)
@@ -197,6 +242,13 @@ async def start(
         elif name.startswith("spread_np"):
             num_parallel = int(name.removeprefix("spread_np"))
             running = await _spread(box, speed, num_parallel, workdir, children)
+        elif name.startswith("spread_keepalive"):
+            np = name.removeprefix("spread_keepalive").removeprefix("_np")
+            running = await _spread(
+                box, speed, int(np or 1), workdir, children, keep_alive="-1", name=name
+            )
+        elif name == PLANNED:
+            running = await _ollamux(name, box, speed, workdir, children, timeout)
         else:
             raise ValueError(f"unknown contender {name!r}; known: {', '.join(CONTENDERS)}")
         running.api = api
@@ -209,11 +261,17 @@ async def start(
 async def _ollamux(
     policy: str, box: Box, speed: float, workdir: Path, children: list[Child], timeout: float
 ) -> Running:
-    ports = [free_port() for _ in box.gpus]
     listen = free_port()
-    config = box_config(
-        box, speed=speed, policy=policy, listen_port=listen, ports=ports, timeout=timeout
-    )
+    if policy == PLANNED:
+        config = planned_config(box, speed=speed, listen_port=listen, timeout=timeout)
+        ports = [i["port"] for i in config["instances"]]
+    else:
+        ports = [free_port() for _ in box.gpus]
+        base, routing = VARIANTS.get(policy, (policy, {}))
+        config = box_config(
+            box, speed=speed, policy=base, listen_port=listen, ports=ports, timeout=timeout
+        )
+        config["routing"].update(routing)
     path = workdir / f"{policy}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     # warning level: no access-log line per request (nginx runs with access_log off too)
@@ -294,17 +352,25 @@ async def _nginx(urls: list[str], pids: list[int], workdir: Path, children: list
 
 
 async def _spread(
-    box: Box, speed: float, num_parallel: int, workdir: Path, children: list[Child]
+    box: Box,
+    speed: float,
+    num_parallel: int,
+    workdir: Path,
+    children: list[Child],
+    *,
+    keep_alive: str = "",
+    name: str = "",
 ) -> Running:
     port = free_port()
+    keep = ["--keep-alive", keep_alive] if keep_alive else []
     gpus = [f"--gpu={g.name}:{g.memory_gib:g}:{g.speed:g}" for g in box.gpus]
     argv = emulator_knobs.argv(
         box.spread_knobs,
         "--log-level", "warning", "emulate", "--quiet", "--listen", f"127.0.0.1:{port}", *gpus,
         "--spread", "--num-parallel", str(num_parallel),
-        "--context-length", str(box.context_length), "--speed", f"{speed:g}",
+        "--context-length", str(box.context_length), "--speed", f"{speed:g}", *keep,
     )  # fmt: skip
-    name = f"spread_np{num_parallel}"
+    name = name or f"spread_np{num_parallel}"
     child = Child(name, argv, log=workdir / f"{name}.log")
     children.append(child)
     url = f"http://127.0.0.1:{port}"

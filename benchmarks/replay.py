@@ -30,6 +30,8 @@ from benchmarks.openai_wire import NATIVE, PATHS, openai_body, read_answer
 from benchmarks.workload import Req, Scenario
 
 JSON_HEADERS = {"Content-Type": "application/json"}
+USER_HEADER = "X-OpenWebUI-User-Id"
+"""Open WebUI's header naming the user a request is sent for."""
 _TAIL = 1 << 16
 
 
@@ -227,7 +229,12 @@ async def replay(
             count["inflight"] += 1
             try:
                 await _exchange(
-                    session, res, now, api=running.api, body=bodies.get(req.id), headers=headers
+                    session,
+                    res,
+                    now,
+                    api=running.api,
+                    body=bodies.get(req.id),
+                    headers=request_headers(req, headers),
                 )
             except asyncio.CancelledError:
                 res.done = None
@@ -271,6 +278,11 @@ async def replay(
         await asyncio.gather(sampling, return_exceptions=True)
         progress.show(count["inflight"], now(), final=True)
     return results, sampler.watch
+
+
+def request_headers(req: Req, headers: dict[str, str]) -> dict[str, str]:
+    """``headers``, and ``X-OpenWebUI-User-Id`` when ``req`` names its user."""
+    return {**headers, USER_HEADER: req.user} if req.user else headers
 
 
 def _at(req: Req) -> float:
@@ -329,7 +341,8 @@ def write_requests(results: list[Result], path: Path) -> None:
         out = csv.writer(f)
         out.writerow(
             ["id", "kind", "model", "stream", "prompt_tokens", "output_tokens", "at", "after",
-             "sent", "first", "done", "ttft", "e2e", "eval_count", "load_duration", "error"]
+             "sent", "first", "done", "ttft", "e2e", "eval_count", "load_duration", "error",
+             "user"]
         )  # fmt: skip
         for r in results:
             q = r.req
@@ -338,7 +351,7 @@ def write_requests(results: list[Result], path: Path) -> None:
             out.writerow(
                 [q.id, q.kind, q.model, q.stream, q.prompt_tokens, q.output_tokens, q.at,
                  "" if q.after is None else q.after, _f(r.sent), _f(r.first), _f(r.done),
-                 _f(ttft), _f(e2e), r.eval_count, _f(r.load_duration), r.error]
+                 _f(ttft), _f(e2e), r.eval_count, _f(r.load_duration), r.error, q.user]
             )  # fmt: skip
 
 

@@ -138,6 +138,83 @@ def ratio_text(ours: dict[str, Any], theirs: dict[str, Any], key: str) -> str:
     return text
 
 
+FAIRNESS_TARGET = 1.5
+"""The issue's target: the other users' TTFT p95 with the flood within 1.5x of it without."""
+
+
+def _others(c: dict[str, Any]) -> dict[str, Any]:
+    """One contender's numbers over the ordinary users' requests (kind ``chat``; a run of them
+    alone has no ``by_kind``)."""
+    by_kind = c.get("by_kind")
+    if by_kind:
+        return dict(by_kind.get("chat", {}))
+    return {**c, "n": c.get("requests")}
+
+
+def fairness(flood: dict[str, Any], baseline: dict[str, Any]) -> str:
+    """Per contender, the other users' TTFT p95 in the ``fairness`` run over the same users' in
+    the ``fairness-baseline`` run (the same requests, no flooding user). The ratio is ``overloaded``
+    where the baseline run itself was. Percentiles leave failed requests out: the ``failed``
+    column says how many of the other users' requests were refused or broke."""
+    rows = [
+        "### fairness: the other users' TTFT p95 with the flood / without it",
+        "",
+        f"{flood.get('description', '')}; against `{baseline['scenario']}`, the same requests "
+        f"without the flooding user. Target: vram_queue <= {FAIRNESS_TARGET:g}x. Times in "
+        "emulated seconds.",
+        "",
+        "| contender | others' TTFT p95 without the flood | with the flood | with / without "
+        "| flood's own TTFT p95 | others' requests (without / with) | others' failed "
+        "(without / with) |",
+        "|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    summary = []
+    same = True
+    for name, c in flood["contenders"].items():
+        base = baseline["contenders"].get(name)
+        if base is None:
+            continue
+        ours, theirs = _others(c), {**_others(base), "overloaded": base.get("overloaded")}
+        text = ratio_text(ours, theirs, "ttft_p95_s")
+        flooder = c.get("by_kind", {}).get("flood", {})
+        same = same and ours.get("n") == theirs.get("n")
+        rows.append(
+            f"| {name} | {_p95(theirs)} | {_p95(ours)} | **{text}** | {_p95(flooder)} "
+            f"| {theirs.get('n', '-')} / {ours.get('n', '-')} "
+            f"| {theirs.get('failed', '-')} / {ours.get('failed', '-')} |"
+        )
+        if name == "vram_queue":
+            a, b = ours.get("ttft_p95_s"), theirs.get("ttft_p95_s")
+            met = a is not None and b and not theirs["overloaded"] and a / b <= FAIRNESS_TARGET
+            text += f" (target <= {FAIRNESS_TARGET:g}x: {'met' if met else 'missed'})"
+        if name != "lower_bound":
+            summary.append(f"{name} {text}")
+    rows += ["", "- others' TTFT p95 with the flood / without it: " + ", ".join(summary)]
+    if not same or (flood.get("quick"), flood.get("seed")) != (
+        baseline.get("quick"),
+        baseline.get("seed"),
+    ):
+        rows.append(
+            "- **the two documents come from runs of different sizes or seeds**: rerun both "
+            "(`--scenario fairness --scenario fairness-baseline`) before reading the ratios"
+        )
+    return "\n".join([*rows, ""])
+
+
+def _p95(part: dict[str, Any]) -> str:
+    return _num(part.get("ttft_p95_s"), "ttft_p95_s" in part.get("censored", ()))
+
+
+def fairness_from(out: Path) -> str | None:
+    """:func:`fairness` of ``out/fairness.json`` and ``out/fairness-baseline.json``; None unless
+    both are there."""
+    paths = [out / "fairness.json", out / "fairness-baseline.json"]
+    if not all(p.is_file() for p in paths):
+        return None
+    flood, baseline = (json.loads(p.read_text(encoding="utf-8")) for p in paths)
+    return fairness(flood, baseline)
+
+
 def plots(doc: dict[str, Any], out: Path) -> list[Path]:
     """``<scenario>_ttft_cdf.png``, ``<scenario>_bars.png`` and ``<scenario>_backlog.png``;
     nothing without matplotlib."""

@@ -31,12 +31,28 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import confined, peer_env, report, sensitivity
-from benchmarks.contenders import CONTENDERS, LOWER_BOUND, Box, describe, nginx_binary, start
+from benchmarks.contenders import (
+    BOX_CONTENDERS,
+    CONTENDERS,
+    LOWER_BOUND,
+    VARIANTS,
+    Box,
+    describe,
+    nginx_binary,
+    start,
+)
 from benchmarks.openai_wire import APIS, NATIVE, PATHS
 from benchmarks.procs import ROOT, cpu_seconds, self_cpu_seconds
 from benchmarks.replay import Progress, replay, write_requests
 from benchmarks.stats import bound_backlog, lower_bound, summarize
-from benchmarks.workload import SCENARIOS, TRACE_SLICE, Scenario, Size
+from benchmarks.workload import (
+    FAIRNESS,
+    FAIRNESS_BASELINE,
+    SCENARIOS,
+    TRACE_SLICE,
+    Scenario,
+    Size,
+)
 
 RESULTS = Path(__file__).with_name("results")
 QUICK_SCENARIOS = ("trace", "multi-model")
@@ -198,7 +214,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--contenders",
-        help=f"comma-separated subset of {','.join((*CONTENDERS, LOWER_BOUND))} (default: all)",
+        help=f"comma-separated subset of {','.join((*CONTENDERS, *BOX_CONTENDERS, LOWER_BOUND))} "
+        "(default: the scenario's own list, else all but the box contenders)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"default: {RESULTS}")
     parser.add_argument(
@@ -250,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(report.table(doc))
             if not args.no_plots:
                 report.plots(doc, out)
+        print(report.fairness_from(out) or "", end="")
         return 0
     if args.sensitivity:
         return run_sensitivity(args)
@@ -259,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.contenders
         else [*CONTENDERS, LOWER_BOUND]
     )
-    unknown = set(contenders) - {*CONTENDERS, LOWER_BOUND}
+    unknown = set(contenders) - {*CONTENDERS, *BOX_CONTENDERS, *VARIANTS, LOWER_BOUND}
     if unknown:
         print(f"unknown contender(s): {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
@@ -277,11 +295,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.speed:
                 scenario = Scenario(**{**scenario.__dict__, "speed": args.speed})
             print(f"{scenario.name}: {scenario.description}", file=sys.stderr)
+            own = list(scenario.contenders) if scenario.contenders and not args.contenders else []
             doc = asyncio.run(
                 run_scenario(
                     scenario,
-                    contenders,
-                    box=box,
+                    own or contenders,
+                    box=box.for_scenario(scenario),
                     workdir=Path(tmp),
                     seed=args.seed,
                     requests_dir=out if args.requests else None,
@@ -295,6 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.no_plots:
                 for png in report.plots(doc, out):
                     print(f"wrote {png}", file=sys.stderr)
+    if {FAIRNESS, FAIRNESS_BASELINE} & set(names):
+        print(report.fairness_from(out) or "", end="")
     print(f"done in {time.monotonic() - began:.0f} s; results in {out}", file=sys.stderr)
     return 0
 

@@ -197,7 +197,9 @@ def summarize(
         if len(groups) > 1:
             out[key] = {}
             for g in groups:
-                part = latency([r for r in results if getattr(r.req, attr) == g], end)
+                group = [r for r in results if getattr(r.req, attr) == g]
+                part = latency(group, end)
+                part["failed"] = sum(1 for r in group if r.error)
                 part.pop("ttft_quantiles_s")
                 part.pop("ttft_mean_s")
                 out[key][g] = part

@@ -43,7 +43,7 @@ class Req:
 
     id: int
     kind: str
-    """What it stands for: ``chat``, ``task`` (Open WebUI), ``short``, ``long``."""
+    """What it stands for: ``chat``, ``task`` (Open WebUI), ``short``, ``long``, ``flood``."""
     model: str
     prompt_tokens: int
     """Tokens of the rendered prompt, as the emulator counts them."""
@@ -57,6 +57,8 @@ class Req:
     """The request this one waits for; it goes out ``think`` seconds after that one ended."""
     think: float = 0.0
     body: bytes = field(repr=False, default=b"")
+    user: str = ""
+    """Who sends it (replay's ``X-OpenWebUI-User-Id``); empty: no user header."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +69,12 @@ class Scenario:
     speed: float
     """Emulator time compression for this scenario (chosen so the 2-core box is not CPU-bound)."""
     requests: tuple[Req, ...]
+    gpus: tuple[tuple[str, float], ...] = ()
+    """A box of its own: (name, GiB) per emulated GPU at speed 1.0; empty = the demo box."""
+    users: int = 0
+    """Concurrent chats its box is planned for (``ollamux plan --users``, the planned contender)."""
+    contenders: tuple[str, ...] = ()
+    """Who runs it when ``--contenders`` is not given; empty = every contender."""
 
     @property
     def models(self) -> list[str]:
@@ -166,6 +174,7 @@ class _Builder:
         at: float = 0.0,
         after: int | None = None,
         think: float = 0.0,
+        user: str = "",
     ) -> int:
         rid = len(self.requests)
         self.requests.append(
@@ -181,17 +190,27 @@ class _Builder:
                 after=after,
                 think=round(think, 4),
                 body=_body(model, messages, output, stream=stream),
+                user=user,
             )
         )
         return rid
 
-    def single(self, kind: str, model: str, prompt: int, output: int, at: float) -> int:
+    def single(
+        self, kind: str, model: str, prompt: int, output: int, at: float, *, user: str = ""
+    ) -> int:
         """A request with one user message and no history."""
         prompt = max(ROLE_TOKENS * 2 + 1, min(prompt, CONTEXT))
         content = self.text.make(f"r{len(self.requests)}", prompt - 2 * ROLE_TOKENS)
         messages = [{"role": "user", "content": content}]
         return self.add(
-            kind=kind, model=model, messages=messages, prompt=prompt, cached=0, output=output, at=at
+            kind=kind,
+            model=model,
+            messages=messages,
+            prompt=prompt,
+            cached=0,
+            output=output,
+            at=at,
+            user=user,
         )
 
     def pick(self, mix: dict[str, float]) -> str:
@@ -451,6 +470,103 @@ def open_webui_scenario(size: Size) -> Scenario:
     )
 
 
+BOX_70B_MIX = {"llama3.3:70b": 0.6, "qwen2.5:32b": 0.4}
+BOX_70B_GPUS = tuple((f"rtx4090-{i}", 24.0) for i in range(4))
+BOX_70B_USERS = 16
+"""Chats and task calls in flight at once the box is planned for: Open WebUI sends three task calls
+at once after each reply."""
+BOX_70B_CONTENDERS = (
+    "ollamux_plan", "spread_keepalive", "spread_keepalive_np4", "vram_queue", "lower_bound",
+)  # fmt: skip
+
+
+def box_70b_scenario(size: Size) -> Scenario:
+    """The box this project was made for: 4 x 24 GiB cards, a 70B model that fits on none alone
+    and a 32B one, used through Open WebUI."""
+    b = _Builder(random.Random(f"{size.seed}:70b-box"))
+    window = size.choose(300.0, 90.0)
+    _chats(b, size, window=window, session_rate=0.1, mix=BOX_70B_MIX, turns_mean=3.0, tasks=True)
+    return Scenario(
+        name="70b-box",
+        title="The 70b box: 4 x 24 GiB, Open WebUI on a 70B and a 32B model",
+        description=f"4 x 24 GiB GPUs; Open WebUI's chat sessions at 0.1/s for {window:g} s on "
+        f"{_mix(BOX_70B_MIX)}, each reply followed by its non-streamed task calls (title and "
+        "tags after the first, follow-ups after every reply); llama3.3:70b (43 GB) fits on no "
+        "single card",
+        speed=12.0,
+        requests=tuple(b.requests),
+        gpus=BOX_70B_GPUS,
+        users=BOX_70B_USERS,
+        contenders=BOX_70B_CONTENDERS,
+    )
+
+
+FAIRNESS = "fairness"
+FAIRNESS_BASELINE = "fairness-baseline"
+FAIR_MODEL = "qwen2.5:14b"
+FAIR_USERS = 6
+FAIR_RATE = 0.375
+"""Chats per emulated second from each ordinary user: the six of them keep the box's four
+qwen2.5:14b copies ~40 % busy; with the flood (ten times one user's rate) the box gets ~110 % of
+what it serves."""
+FLOOD_FACTOR = 10
+FLOOD_USER = "flood"
+FAIR_WARMUP_S = 15.0
+"""Before the users start: 16 requests at once (one per slot of the box) load the model where
+each contender puts it, so neither run's percentiles are cold loads."""
+
+
+def fair_users(*, flood: bool) -> list[tuple[str, str, float]]:
+    """(user, kind, requests per emulated second) of the fairness scenario's senders."""
+    users = [(f"user-{i}", "chat", FAIR_RATE) for i in range(1, FAIR_USERS + 1)]
+    if flood:
+        users.append((FLOOD_USER, "flood", FAIR_RATE * FLOOD_FACTOR))
+    return users
+
+
+def _fairness(size: Size, *, flood: bool) -> Scenario:
+    """The ordinary users' requests come first and from the same seed with or without the flood,
+    so both runs send them identical requests at identical times."""
+    b = _Builder(random.Random(f"{size.seed}:fairness"))
+    window = size.choose(180.0, 60.0)
+    for _ in range(16):
+        b.single("warmup", FAIR_MODEL, 200, 200, 0.0, user="warmup")
+    for user, kind, rate in fair_users(flood=flood):
+        for t in b.arrivals(rate, window):
+            prompt, output = b.lognormal(300, 0.8, 20, 3000), b.lognormal(100, 0.6, 16, 500)
+            b.single(kind, FAIR_MODEL, prompt, output, FAIR_WARMUP_S + t, user=user)
+    others = (
+        f"after {FAIR_WARMUP_S:g} s of warm-up (16 requests at once, not counted), "
+        f"{FAIR_USERS} users (user-1 to user-{FAIR_USERS}) each sending single chats to "
+        f"{FAIR_MODEL} at {FAIR_RATE:g}/s (Poisson, prompt ~300 and output ~100 tokens) for "
+        f"{window:g} s, each request with its sender's X-OpenWebUI-User-Id"
+    )
+    if not flood:
+        return Scenario(
+            name=FAIRNESS_BASELINE,
+            title="Fairness: the users without the flood",
+            description=f"the {FAIRNESS} scenario without its flooding user: {others}",
+            speed=6.0,
+            requests=tuple(b.requests),
+        )
+    return Scenario(
+        name=FAIRNESS,
+        title="Fairness: one user floods the box",
+        description=f"{others}, and one more user ({FLOOD_USER}) sending the same chats at "
+        f"{FAIR_RATE * FLOOD_FACTOR:g}/s, {FLOOD_FACTOR} times each other user's rate",
+        speed=6.0,
+        requests=tuple(b.requests),
+    )
+
+
+def fairness_scenario(size: Size) -> Scenario:
+    return _fairness(size, flood=True)
+
+
+def fairness_baseline_scenario(size: Size) -> Scenario:
+    return _fairness(size, flood=False)
+
+
 def head(scenario: Scenario, n: int, *, speed: float | None = None) -> Scenario:
     """The first ``n`` requests of ``scenario`` (a request only follows an earlier one, so they
     form a workload of their own), optionally at another speed: for smoke tests."""
@@ -474,4 +590,7 @@ SCENARIOS: dict[str, Callable[[Size], Scenario]] = {
     "multi-model": multi_model_scenario,
     "long-generation": long_generation_scenario,
     "open-webui": open_webui_scenario,
+    "70b-box": box_70b_scenario,
+    FAIRNESS_BASELINE: fairness_baseline_scenario,
+    FAIRNESS: fairness_scenario,
 }

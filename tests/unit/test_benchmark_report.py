@@ -85,3 +85,22 @@ def test_an_overloaded_spread_server_never_wins_the_verdict() -> None:
     doc = _sens([0.5] * 6, np16_overloaded=True)
     assert sensitivity.flips(doc)["spread_np16"] == []
     assert "| 0.50 (overloaded) | overloaded | better |" in sensitivity.table(doc)
+
+
+def _fair(others_p95: float, flood_p95: float | None = None, **more: Any) -> dict[str, Any]:
+    kinds = {"chat": {"n": 100, "ttft_p95_s": others_p95, "failed": 0}}
+    if flood_p95 is not None:
+        kinds["flood"] = {"n": 900, "ttft_p95_s": flood_p95, "failed": 0}
+    return {**_c(others_p95), "by_kind": kinds, **more}
+
+
+def test_the_fairness_table_divides_the_other_users_p95_with_the_flood_by_without() -> None:
+    flood = {**_doc(vram_queue=_fair(0.6, 9.0), nginx=_fair(8.0, 8.0)), "scenario": "fairness"}
+    base = {**_doc(vram_queue=_fair(0.5), nginx=_fair(0.4)), "scenario": "fairness-baseline"}
+    text = report.fairness(flood, base)
+    assert "| vram_queue | 0.50 | 0.60 | **1.20x** | 9.00 | 100 / 100 | 0 / 0 |" in text
+    assert "vram_queue 1.20x (target <= 1.5x: met), nginx 20.00x" in text
+    missed = {**flood, "contenders": {"vram_queue": _fair(0.9, 9.0)}}
+    assert "vram_queue 1.80x (target <= 1.5x: missed)" in report.fairness(missed, base)
+    overloaded = {**base, "contenders": {"vram_queue": _fair(0.5, overloaded=True)}}
+    assert "vram_queue overloaded (target <= 1.5x: missed)" in report.fairness(flood, overloaded)

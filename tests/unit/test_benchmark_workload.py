@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
 
 import pytest
 
 from benchmarks.contenders import Box
-from benchmarks.replay import Result
+from benchmarks.replay import Result, request_headers
 from benchmarks.stats import backlog, drain_time, latency, lower_bound, overloaded, percentile
-from benchmarks.workload import SCENARIOS, Req, Size
+from benchmarks.workload import (
+    FAIR_MODEL,
+    FAIR_RATE,
+    FAIR_USERS,
+    FAIR_WARMUP_S,
+    FAIRNESS,
+    FAIRNESS_BASELINE,
+    FLOOD_FACTOR,
+    FLOOD_USER,
+    SCENARIOS,
+    Req,
+    Size,
+    fair_users,
+)
 from proxy.emulator import text
 
 
@@ -111,3 +126,38 @@ def test_a_backlog_that_never_drains_or_unfinished_requests_are_an_overload() ->
     assert overloaded(0.0, 100.0, unfinished=4, requests=300)
     assert not overloaded(10.0, 100.0, unfinished=3, requests=300)
     assert overloaded(10.5, 100.0, unfinished=0, requests=300)
+
+
+def test_fairness_has_six_users_and_one_at_ten_times_their_rate() -> None:
+    size = Size()
+    flood = SCENARIOS[FAIRNESS](size)
+    window = max(r.at for r in flood.requests) - FAIR_WARMUP_S
+    counts = Counter(r.user for r in flood.requests if r.kind != "warmup")
+    assert set(counts) == {f"user-{i}" for i in range(1, FAIR_USERS + 1)} | {FLOOD_USER}
+    assert {r.model for r in flood.requests} == {FAIR_MODEL}
+    for user, kind, rate in fair_users(flood=True):
+        expected = rate * window
+        assert abs(counts[user] - expected) < 4 * math.sqrt(expected), user
+        assert {r.kind for r in flood.requests if r.user == user} == {kind}
+    flood_rate = fair_users(flood=True)[-1][2]
+    assert flood_rate == FLOOD_FACTOR * FAIR_RATE == 10 * FAIR_RATE
+    assert all(r.at >= FAIR_WARMUP_S for r in flood.requests if r.kind != "warmup")
+
+
+def test_the_fairness_baseline_is_the_same_requests_without_the_flood() -> None:
+    size = Size(quick=True)
+    flood = SCENARIOS[FAIRNESS](size)
+    baseline = SCENARIOS[FAIRNESS_BASELINE](size)
+    assert baseline.requests == tuple(r for r in flood.requests if r.user != FLOOD_USER)
+    assert sum(r.kind == "warmup" for r in baseline.requests) == 16
+
+
+def test_replay_names_the_user_only_when_the_request_has_one() -> None:
+    base = {"Content-Type": "application/json"}
+    anonymous = Req(id=0, kind="chat", model="m", prompt_tokens=10, cached_tokens=0,
+                    output_tokens=5, stream=True)  # fmt: skip
+    named = Req(id=1, kind="chat", model="m", prompt_tokens=10, cached_tokens=0,
+                output_tokens=5, stream=True, user="user-1")  # fmt: skip
+    assert request_headers(anonymous, base) == base
+    assert request_headers(named, base) == {**base, "X-OpenWebUI-User-Id": "user-1"}
+    assert base == {"Content-Type": "application/json"}
