@@ -69,6 +69,7 @@ def instance_states(config: Config) -> list[InstanceState]:
                 url=url,
                 slots=inst.slots,
                 slots_assumed=not inst.num_parallel and inst.launcher == "external",
+                capacity={} if inst.launcher == "node" else None,
                 gpu_uuids=gpus,
                 gpu_labels=labels,
                 store=_store(config, inst),
@@ -83,6 +84,8 @@ def _store(config: Config, inst: InstanceConfig) -> str:
     """Which model store ``inst`` reads: the servers ollamux starts share ``models_dir`` (an
     emulated one without it keeps its store in memory); external ones have their own unless they
     name a shared ``store``."""
+    if inst.launcher == "node":
+        return f"node:{inst.name}"  # it pulls into its own stores itself
     if inst.launcher == "external":
         return f"store:{inst.store}" if inst.store else f"instance:{inst.name}"
     if inst.launcher == "emulated" and not config.models_dir:
@@ -91,6 +94,8 @@ def _store(config: Config, inst: InstanceConfig) -> str:
 
 
 def _memory_source(inst: InstanceConfig) -> str:
+    if inst.launcher == "node":
+        return "node"  # it places models on its own GPUs
     if inst.launcher == "emulated":
         return "emulator"
     if inst.launcher != "external":
@@ -179,7 +184,7 @@ async def _gpu_sources(proxy: Proxy, session: aiohttp.ClientSession) -> dict[str
         elif inst_config.gpu_source:
             url = inst_config.gpu_source.rstrip("/") + "/gpus"
             sources[inst.name] = HttpGpuSource(session, url, token=inst_config.gpu_source_token)
-        elif inst_config.launcher != "external" and local is not None:
+        elif not inst_config.remote and local is not None:
             sources[inst.name] = local
     return sources
 

@@ -35,7 +35,7 @@ Duration = Annotated[float, "duration"]
 Size = Annotated[int, "size"]
 """Bytes; YAML may say ``67108864``, ``"64MiB"``, ``"1GiB"`` or ``"500MB"``."""
 
-Launcher = Literal["process", "systemd", "external", "emulated"]
+Launcher = Literal["process", "systemd", "external", "emulated", "node"]
 PolicyName = Literal["vram_queue", "least_connections", "round_robin", "random"]
 
 MIB = 1024**2
@@ -102,6 +102,9 @@ class InstanceConfig:
             raise ConfigError(f"{exc}; {fix}", path="keep_alive") from None
         for key in ("OLLAMA_HOST", "CUDA_VISIBLE_DEVICES"):
             check(key not in self.env, f"env.{key}", "is set by ollamux; use port and gpu instead")
+        if self.launcher == "node":
+            self._check_node()
+            return
         if self.launcher == "external":
             self._check_external()
             return
@@ -140,6 +143,25 @@ class InstanceConfig:
                 "does nothing for launcher external: ollamux does not start that server; "
                 "set it where the server runs (its OLLAMA_* environment)",
             )
+
+    def _check_node(self) -> None:
+        check(bool(self.url), "url", "is required for launcher node, e.g. http://box2:11434")
+        problem = url_problem(self.url)
+        check(problem is None, "url", f"{problem}, e.g. http://box2:11434")
+        for name in (*self.LAUNCHED_ONLY, *self.EXTERNAL_ONLY, "gpu", "num_parallel"):
+            if name != "url":
+                check(
+                    getattr(self, name) == _DEFAULTS[name],
+                    name,
+                    "does nothing for launcher node: that ollamux publishes its own slots and "
+                    "memory (GET /proxy/node); set it in its config",
+                )
+
+    @property
+    def remote(self) -> bool:
+        """ollamux does not start it: an Ollama server (``external``) or another ollamux
+        (``node``) that already runs at ``url``."""
+        return self.launcher in ("external", "node")
 
     @property
     def slots(self) -> int:
@@ -438,12 +460,12 @@ def _resolve(config: Config) -> Config:
                 "1 (Ollama's default since 0.10). Set it to that server's OLLAMA_NUM_PARALLEL: "
                 "more than it has makes requests wait inside Ollama, fewer leaves slots idle"
             )
-        if inst.launcher != "external" and inst.port == 0:
+        if not inst.remote and inst.port == 0:
             while next_port in taken or next_port == listen_port:
                 next_port += 1
             taken.add(next_port)
             instances[i] = inst = dataclasses.replace(inst, port=next_port)
-        if inst.launcher != "external" and inst.port == listen_port:
+        if not inst.remote and inst.port == listen_port:
             raise ConfigError(
                 f"port {inst.port} is the proxy's own listen port; pick another",
                 path=f"{where}.port",
@@ -467,7 +489,7 @@ def _resolve(config: Config) -> Config:
     seen_ports: dict[int, int] = {}
     seen_gpus: dict[str, int] = {}
     for i, inst in enumerate(instances):
-        if inst.launcher != "external":
+        if not inst.remote:
             if inst.port in seen_ports:
                 raise ConfigError(
                     f"port {inst.port} is already used by instances[{seen_ports[inst.port]}]; "

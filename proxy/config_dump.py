@@ -36,8 +36,15 @@ def config_tree(config: Config) -> dict[str, Any]:
     tree: dict[str, Any] = plain(config)
     del tree["source"], tree["warnings"]
     for inst, entry in zip(_instances(config), tree["instances"], strict=False):
-        external = inst.launcher == "external"
-        for key in InstanceConfig.LAUNCHED_ONLY if external else InstanceConfig.EXTERNAL_ONLY:
+        unused = InstanceConfig.LAUNCHED_ONLY if inst.remote else InstanceConfig.EXTERNAL_ONLY
+        if inst.launcher == "node":  # a node publishes its own GPUs and slots
+            unused = (
+                *unused,
+                "gpu",
+                "num_parallel",
+                *(k for k in InstanceConfig.EXTERNAL_ONLY if k != "url"),
+            )
+        for key in unused:
             del entry[key]
     return tree
 

@@ -124,11 +124,11 @@ async def restart(request: web.Request) -> web.StreamResponse:
         return found
     proxy = request.app[PROXY]
     kind = _launchers(proxy).get(found.name, "")
-    if kind == "external":
+    if kind in ("external", "node"):
         return error_response(
             request.path,
             409,
-            f"instance {found.name} is external: ollamux does not run it; restart it where it runs",
+            f"instance {found.name} is {kind}: ollamux does not run it; restart it where it runs",
         )
     log.info("instance %s: restart requested (%d in flight)", found.name, found.inflight_total())
     try:

@@ -235,14 +235,14 @@ class Dispatcher:
             warm_free = [
                 i
                 for i in candidates
-                if i.takes(model, ctx, max_ctx) and i.inflight.get(model, 0) < i.slots
+                if i.takes(model, ctx, max_ctx) and i.inflight.get(model, 0) < i.slots_for(model)
             ]
             candidates = warm_free or candidates
         fastest = max((i.decode_tps.get(model, 0.0) for i in candidates), default=0.0)
         views = [
             inst.view(
                 model,
-                slots=inst.slots,
+                slots=inst.slots_for(model),
                 affinity=inst.name == previous,
                 num_ctx=ctx,
                 max_ctx=max_ctx,
@@ -253,7 +253,7 @@ class Dispatcher:
         if not views:
             return None
         # replicas loading in the background will take that many of the waiting requests
-        coming = sum(i.slots for i in self.instances.values() if model in i.preloading)
+        coming = sum(i.slots_for(model) for i in self.instances.values() if model in i.preloading)
         request = RouteRequest(
             model=model,
             est_size=self.book.estimate_size(model),

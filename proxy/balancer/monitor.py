@@ -31,6 +31,8 @@ FAILS_TO_DOWN = 2
 TAGS_EVERY = 10
 """Poll /api/tags on every Nth round (models change rarely; pulls refresh it at once)."""
 PROBE_PROMPT = "hi"
+NODE_SCHEMA = 1
+"""The version of ``GET /proxy/node`` this proxy reads (``api/node_state.py`` writes it)."""
 
 
 class Monitor:
@@ -139,9 +141,13 @@ class Monitor:
         inst.failures = 0
         came_up = not inst.healthy
         try:
-            await self._poll_ps(inst)
+            if inst.capacity is not None:  # another ollamux: one summary says it all
+                await self._poll_node(inst)
+            else:
+                await self._poll_ps(inst)
+                if full or came_up:
+                    await self._poll_tags(inst)
             if full or came_up:
-                await self._poll_tags(inst)
                 await self._poll_version(inst)
             await self._poll_gpus(inst)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
@@ -282,6 +288,32 @@ class Monitor:
             models.add(model_key(name))
         inst.models = frozenset(models)
 
+    async def _poll_node(self, inst: InstanceState) -> None:
+        """A node's published state (``GET /proxy/node``): the models it holds and runs, and how
+        many requests this proxy may have in flight there per model: those it has now plus the
+        node's free slots less what already waits in the node's queue; a model it holds but runs
+        nowhere takes one request (the node loads it) until the node says more."""
+        asked_at = time.monotonic()
+        data = await self._get_json(inst.url + "/proxy/node")
+        if not isinstance(data, dict) or data.get("schema") != NODE_SCHEMA:
+            raise ValueError(f"GET /proxy/node is not schema {NODE_SCHEMA}: is it an ollamux?")
+        held, loaded, capacity = set(), {}, {}
+        for raw, entry in (data.get("models") or {}).items():
+            name = model_key(str(raw))
+            if not isinstance(entry, dict) or int(entry.get("held", 0)) <= 0:
+                continue
+            held.add(name)
+            mine = inst.inflight.get(name, 0)
+            if int(entry.get("warm", 0)) > 0:
+                loaded[name] = LoadedModel(name=name, size_vram=0, context_length=0)
+                room = int(entry.get("free", 0)) - int(entry.get("queued", 0))
+                capacity[name] = mine + max(room, 0)
+            else:
+                capacity[name] = max(mine, 1)
+        inst.models = frozenset(held)
+        inst.capacity = capacity
+        self._on_loaded(inst, loaded, asked_at)
+
     async def _poll_version(self, inst: InstanceState) -> None:
         data = await self._get_json(inst.url + "/api/version")
         inst.version = str(data.get("version", ""))
@@ -305,8 +337,16 @@ class Monitor:
 
 
 def _placement_state(inst: InstanceState) -> tuple[object, ...]:
-    """What the monitor writes that a placement depends on (health, models, memory)."""
-    return (inst.healthy, inst.models, tuple(inst.loaded), inst.memory_free, inst.memory_capacity)
+    """What the monitor writes that a placement depends on (health, models, memory, a node's
+    capacity)."""
+    return (
+        inst.healthy,
+        inst.models,
+        tuple(inst.loaded),
+        inst.memory_free,
+        inst.memory_capacity,
+        None if inst.capacity is None else tuple(sorted(inst.capacity.items())),
+    )
 
 
 def _owns(inst: InstanceState, gpu: GpuReading) -> bool:

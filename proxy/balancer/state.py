@@ -52,6 +52,9 @@ class InstanceState:
     url: str
     slots: int
     """OLLAMA_NUM_PARALLEL: parallel sequences per loaded model."""
+    capacity: dict[str, int] | None = None
+    """For a node (another ollamux): the requests per model this proxy may have in flight there,
+    from what the node last published; None for an Ollama server (``slots`` per model)."""
     gpu_uuids: tuple[str, ...] = ()
     healthy: bool = False
     """False until the first health check answers."""
@@ -122,6 +125,12 @@ class InstanceState:
     def is_warm(self, model: str) -> bool:
         return model in self.loaded or model in self.loading
 
+    def slots_for(self, model: str) -> int:
+        """Requests for ``model`` that may run here at once."""
+        if self.capacity is None:
+            return self.slots
+        return self.capacity.get(model, 0)
+
     def takes(self, model: str, num_ctx: int = 0, max_ctx: int = 0) -> bool:
         """Requests for ``model`` may be bound here: it is loaded, or a request waits for its load
         (not a replica loading in the background); with ``num_ctx``, loaded with that context, as
@@ -154,6 +163,8 @@ class InstanceState:
 
     def lacks(self) -> list[str]:
         """The routing signals this instance does not give (for status pages)."""
+        if self.capacity is not None:
+            return []  # a node publishes what it can take; its own GPUs are its business
         missing = []
         if self.memory_free is None and not self.memory_capacity:
             missing.append("gpu memory")
@@ -186,16 +197,17 @@ class InstanceState:
         speed: float = 1.0,
     ) -> InstanceView:
         busy_models = {m for m, n in self.inflight.items() if n > 0}
+        node = self.capacity is not None  # it places models on its own GPUs: never "full"
         return InstanceView(
             name=self.name,
             slots=slots,
             inflight=self.inflight_total(),
             inflight_model=self.inflight.get(model, 0),
             warm=self.takes(model, num_ctx, max_ctx),
-            loading=bool(self.loading),
+            loading=bool(self.loading) and not node,
             free_vram=self.free_vram(),
-            idle_models=len(set(self.loaded) - busy_models),
-            loaded_models=len(self.loaded) + len(self.loading),
+            idle_models=0 if node else len(set(self.loaded) - busy_models),
+            loaded_models=0 if node else len(self.loaded) + len(self.loading),
             affinity=affinity,
             speed=speed,
         )

@@ -96,7 +96,7 @@ def with_listen(config: Config, listen: str | None) -> Config:
         raise ConfigError(str(exc), path="--listen") from None
     if config.instances != "auto":
         for i, inst in enumerate(config.instances):
-            if inst.launcher != "external" and inst.port == port:
+            if not inst.remote and inst.port == port:
                 raise ConfigError(
                     f"port {port} is already used by instances[{i}] ({inst.name}); pick another",
                     path="--listen",
@@ -159,7 +159,7 @@ class FleetLauncher:
             return self._supervisor.child(name).describe()
         if inst.launcher == "systemd":
             return f"systemd unit {instance_unit(name)}"
-        return "external"
+        return inst.launcher  # external or node: it runs elsewhere
 
     async def restart(self, name: str) -> None:
         inst = self._instances.get(name)
