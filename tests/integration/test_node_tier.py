@@ -109,3 +109,34 @@ async def test_a_node_takes_no_settings_of_its_own() -> None:
             assert f"instances[0].{key}" in str(exc) and "launcher node" in str(exc)
         else:
             raise AssertionError(f"{key} was accepted for a node")
+
+
+async def test_a_node_that_dies_mid_burst_loses_nothing_that_had_not_started(
+    tmp_path: Path,
+) -> None:
+    async with (
+        farm(tmp_path / "a", gpus=(24, 24), num_parallel=2) as node_a,
+        farm(tmp_path / "b", gpus=(24, 24), num_parallel=2) as node_b,
+        front([node_a, node_b]) as url,
+    ):
+        body = {"model": MODELS[0], "messages": [{"role": "user", "content": "hi"}]}
+        body["options"] = {"num_predict": 200}
+
+        async def one(session: aiohttp.ClientSession) -> tuple[int, list[dict[str, Any]]]:
+            async with session.post(url + "/api/chat", json=body) as resp:
+                raw = await resp.read()
+            return resp.status, [json.loads(x) for x in raw.splitlines() if x.strip()]
+
+        async with aiohttp.ClientSession() as session:
+            burst = [asyncio.ensure_future(one(session)) for _ in range(16)]
+            await asyncio.sleep(0.3)
+            await node_b.proxy_server.close()  # box b goes away, streams and all
+            results = await asyncio.gather(*burst)
+        for status, lines in results:
+            assert status == 200, lines  # none that had not started was lost
+            if "error" in lines[-1]:  # broken mid-stream: it had started on box b
+                assert len(lines) > 1 and "error" not in lines[0]
+            else:
+                assert lines[-1]["done"] and lines[-1]["eval_count"] == 200
+        finished = sum(1 for _, lines in results if "error" not in lines[-1])
+        assert finished >= 8  # box a's share at least
