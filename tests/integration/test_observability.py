@@ -359,6 +359,7 @@ async def test_rejected_and_cancelled_requests_are_logged_and_counted(
     async with farm(
         tmp_path, gpus=(24,), num_parallel=1, queue={"max_per_model": 1, "max_total": 1}
     ) as box:
+        box.engines[0].faults.slow = 50.0  # the running answer lasts seconds, however loaded
         body = {"model": MODEL, "prompt": "hi", "options": {"num_predict": 100_000}}
         running = asyncio.ensure_future(post(box.url, "/api/generate", body))
         await scraped(box, "ollamux_inflight", 1, backend="gpu0")
