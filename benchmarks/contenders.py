@@ -14,7 +14,9 @@
   GPUs with ``OLLAMA_SCHED_SPREAD=1`` and ``OLLAMA_KEEP_ALIVE=-1``, NUM_PARALLEL left at Ollama's
   default (1), or N;
 - ``ollamux_plan``: ``ollamux serve`` (vram_queue) with the instances ``ollamux plan`` proposes
-  for the box's GPUs and the scenario's models (proxy/planner.py), groups of GPUs included.
+  for the box's GPUs and the scenario's models (proxy/planner.py), groups of GPUs included;
+- ``fronts_2x2``, ``front_8``, ``nginx_8``, ``random_2``: the two-box scenario's (two nodes,
+  benchmarks/two_box.py).
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ VARIANTS = {"vram_queue_oc1": ("vram_queue", {"overcommit": 1})}
 CONTENDERS = (*PROXIED, "random", "nginx", "spread_np4", "spread_np16", *PEERS)
 PLANNED = "ollamux_plan"
 BOX_CONTENDERS = (PLANNED, "spread_keepalive", "spread_keepalive_np4")
-"""Run only when named (a scenario with a box of its own names them)."""
+TWO_BOX_CONTENDERS = ("fronts_2x2", "front_8", "nginx_8", "random_2")
+"""Run only when named (a scenario with a box of its own names them; so are the two-box ones)."""
 LOWER_BOUND = "lower_bound"
 
 
@@ -67,6 +70,12 @@ class Box:
         gpus = self.gpus
         if scenario.gpus:
             gpus = tuple(GpuSpec(name=n, memory_gib=gib) for n, gib in scenario.gpus)
+        if scenario.boxes > 1:  # box k's GPUs named <name>-b<k>: one config can list them all
+            gpus = tuple(
+                GpuSpec(name=f"{g.name}-b{k}", memory_gib=g.memory_gib, speed=g.speed)
+                for k in range(scenario.boxes)
+                for g in gpus
+            )
         users = scenario.users or self.users
         return dataclasses.replace(self, gpus=gpus, models=tuple(scenario.models), users=users)
 
@@ -249,6 +258,10 @@ async def start(
             )
         elif name == PLANNED:
             running = await _ollamux(name, box, speed, workdir, children, timeout)
+        elif name in TWO_BOX_CONTENDERS:
+            from benchmarks import two_box  # it builds on this module
+
+            running = await two_box.start(name, box, speed, workdir, children, timeout, seed)
         else:
             raise ValueError(f"unknown contender {name!r}; known: {', '.join(CONTENDERS)}")
         running.api = api

@@ -35,6 +35,7 @@ from benchmarks.contenders import (
     BOX_CONTENDERS,
     CONTENDERS,
     LOWER_BOUND,
+    TWO_BOX_CONTENDERS,
     VARIANTS,
     Box,
     describe,
@@ -214,7 +215,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--contenders",
-        help=f"comma-separated subset of {','.join((*CONTENDERS, *BOX_CONTENDERS, LOWER_BOUND))} "
+        help="comma-separated subset of "
+        f"{','.join((*CONTENDERS, *BOX_CONTENDERS, *TWO_BOX_CONTENDERS, LOWER_BOUND))} "
         "(default: the scenario's own list, else all but the box contenders)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"default: {RESULTS}")
@@ -277,7 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.contenders
         else [*CONTENDERS, LOWER_BOUND]
     )
-    unknown = set(contenders) - {*CONTENDERS, *BOX_CONTENDERS, *VARIANTS, LOWER_BOUND}
+    known = {*CONTENDERS, *BOX_CONTENDERS, *TWO_BOX_CONTENDERS, *VARIANTS, LOWER_BOUND}
+    unknown = set(contenders) - known
     if unknown:
         print(f"unknown contender(s): {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
@@ -296,6 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 scenario = Scenario(**{**scenario.__dict__, "speed": args.speed})
             print(f"{scenario.name}: {scenario.description}", file=sys.stderr)
             own = list(scenario.contenders) if scenario.contenders and not args.contenders else []
+            if "nginx_8" in own and nginx_binary() is None:
+                print("nginx is not installed: skipping nginx_8", file=sys.stderr)
+                own.remove("nginx_8")
             doc = asyncio.run(
                 run_scenario(
                     scenario,

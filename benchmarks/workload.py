@@ -75,6 +75,8 @@ class Scenario:
     """Concurrent chats its box is planned for (``ollamux plan --users``, the planned contender)."""
     contenders: tuple[str, ...] = ()
     """Who runs it when ``--contenders`` is not given; empty = every contender."""
+    boxes: int = 1
+    """Copies of the box behind one address (its GPUs that many times; benchmarks/two_box.py)."""
 
     @property
     def models(self) -> list[str]:
@@ -501,6 +503,29 @@ def box_70b_scenario(size: Size) -> Scenario:
     )
 
 
+TWO_BOX = "two-box"
+TWO_BOX_CONTENDERS = ("fronts_2x2", "front_8", "nginx_8", "random_2", "lower_bound")
+
+
+def two_box_scenario(size: Size) -> Scenario:
+    """The trace scenario's workload at twice its rate, on the demo box twice (two nodes)."""
+    b = _Builder(random.Random(f"{size.seed}:{TWO_BOX}"))
+    window = size.choose(360.0, 40.0)
+    _replay_trace(b, size, window, 2 * TRACE_SHARE, TRACE_MIX)
+    _suffix, words = trace_label(size)
+    return Scenario(
+        name=TWO_BOX,
+        title="Two boxes behind one address",
+        description=f"the demo box twice (2 nodes x 4 GPUs); {window:g} s of {words} "
+        f"({2 * TRACE_SHARE:.0%} of its requests, seeded: twice the trace scenario's rate), real "
+        f"prompt and output lengths, each request on a model drawn from {_mix(TRACE_MIX)}",
+        speed=10.0,
+        requests=tuple(b.requests),
+        boxes=2,
+        contenders=TWO_BOX_CONTENDERS,
+    )
+
+
 FAIRNESS = "fairness"
 FAIRNESS_BASELINE = "fairness-baseline"
 FAIR_MODEL = "qwen2.5:14b"
@@ -591,6 +616,7 @@ SCENARIOS: dict[str, Callable[[Size], Scenario]] = {
     "long-generation": long_generation_scenario,
     "open-webui": open_webui_scenario,
     "70b-box": box_70b_scenario,
+    TWO_BOX: two_box_scenario,
     FAIRNESS_BASELINE: fairness_baseline_scenario,
     FAIRNESS: fairness_scenario,
 }

@@ -15,7 +15,7 @@ from benchmarks.contenders import LOWER_BOUND, Box, nginx_binary
 from benchmarks.fleet_box import SINGLE, Code, start_fleet
 from benchmarks.procs import ROOT
 from benchmarks.routing import run_scenario
-from benchmarks.workload import Size, head, open_webui_scenario
+from benchmarks.workload import Size, head, open_webui_scenario, two_box_scenario
 from tests.processes import alive
 
 # One Open WebUI session: a streamed chat, its three task calls, the next turn and its follow-up.
@@ -47,6 +47,18 @@ async def test_proxy_and_blind_contenders_replay_a_session(tmp_path: Path) -> No
     bound = contenders[LOWER_BOUND]
     assert bound["ttft_p50_s"] <= contenders["vram_queue"]["ttft_p50_s"]
     assert "vram_queue" in report.table(doc)
+
+
+async def test_two_fronts_over_two_nodes_replay_the_two_box_trace(tmp_path: Path) -> None:
+    """The two-box scenario's two-tier contender: 2 fronts over 2 nodes of 4 emulated GPUs each."""
+    scenario = dataclasses.replace(head(two_box_scenario(Size(quick=True)), 8, speed=50.0), boxes=2)
+    box = Box.from_config().for_scenario(scenario)
+    assert len(box.gpus) == 8 and len({g.name for g in box.gpus}) == 8
+    doc = await run_scenario(scenario, ["fronts_2x2"], box=box, workdir=tmp_path, quiet=True)
+    c = doc["contenders"]["fronts_2x2"]
+    assert (c["requests"], c["failed"], c["unfinished"]) == (8, 0, 0), c.get("errors")
+    assert c["output_tokens"] == sum(r.output_tokens for r in scenario.requests)
+    assert c["cold_loads"] >= 1
 
 
 @pytest.mark.skipif(nginx_binary() is None, reason="nginx is not installed")
