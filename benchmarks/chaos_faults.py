@@ -47,18 +47,24 @@ async def _hang_warm(box: Box, load: Load, ctx: Ctx) -> str:
 
 
 async def _hang_cold(box: Box, load: Load, ctx: Ctx) -> str:
-    """Hang the empty instance a cold load goes to first, then send a model loaded nowhere."""
+    """Hang the instance a cold load goes to first (the fewest models loaded, then the most free
+    memory: where vram_queue puts a model loaded nowhere), then send a model loaded nowhere.
+    Replicas of the baseline's model may already fill every GPU (they load in the background)."""
     status = await box.status()
     assert status is not None
-    insts = status["instances"]
-    empty = [
-        i for i in insts if i.get("state") == "up" and not (i.get("loaded") or i.get("loading"))
-    ]
-    if not empty:
-        raise RuntimeError("no instance with nothing loaded to hang")
-    name = str(min(empty, key=lambda i: (-int(i.get("memory_free") or 0), i["name"]))["name"])
+    up = [i for i in status["instances"] if i.get("state") == "up"]
+    if not up:
+        raise RuntimeError("no instance is up to hang")
+
+    def rank(i: dict[str, Any]) -> tuple[int, int, str]:
+        models = len(i.get("loaded") or []) + len(i.get("loading") or [])
+        return (models, -int(i.get("memory_free") or 0), str(i["name"]))
+
+    target = min(up, key=rank)
+    name = str(target["name"])
     await box.fault(name, hang=True)
-    ctx.say(f"hang on {name} (nothing loaded); 6 users of qwen2.5:7b start")
+    what = "nothing loaded" if rank(target)[0] == 0 else "the fewest models loaded"
+    ctx.say(f"hang on {name} ({what}); 6 users of qwen2.5:7b start")
     load.closed(6, lambda: ctx.mixed("qwen2.5:7b"))
     return name
 
