@@ -70,6 +70,7 @@ def instance_states(config: Config) -> list[InstanceState]:
                 slots=inst.slots,
                 slots_assumed=not inst.num_parallel and inst.launcher == "external",
                 capacity={} if inst.launcher == "node" else None,
+                api_key=inst.api_key,
                 gpu_uuids=gpus,
                 gpu_labels=labels,
                 store=_store(config, inst),

@@ -78,14 +78,20 @@ class InstanceConfig:
     store: str = ""
     """Only for ``external``: a name shared by the servers that use one model directory (a pull
     through ollamux goes once to each store). Empty = the server has a store of its own."""
+    api_key: str = ""
+    """Only for ``external`` and ``node``: sent as ``Authorization: Bearer KEY`` on everything
+    ollamux sends there, in place of the client's (a node's API key: ``ollamux keys add`` on it).
+    Empty = the client's own header goes through."""
 
     LAUNCHED_ONLY: ClassVar[tuple[str, ...]] = (
         "port", "keep_alive", "max_loaded_models", "max_queue", "context_length", "spread", "env",
     )  # fmt: skip
     """Settings ollamux applies when it starts the server: nothing for ``external`` ones."""
     EXTERNAL_ONLY: ClassVar[tuple[str, ...]] = (
-        "url", "gpu_source", "gpu_source_token", "memory_gib", "store",
+        "url", "gpu_source", "gpu_source_token", "memory_gib", "store", "api_key",
     )  # fmt: skip
+    NODE_KEEPS: ClassVar[tuple[str, ...]] = ("url", "api_key")
+    """Of those, what a ``node`` takes too."""
 
     def __post_init__(self) -> None:
         check(bool(self.name.strip()), "name", "must not be empty, e.g. gpu0")
@@ -116,6 +122,7 @@ class InstanceConfig:
             )
 
     def _check_external(self) -> None:
+        self._check_key()
         check(
             bool(self.url), "url", "is required for launcher external, e.g. http://10.0.0.5:11434"
         )
@@ -144,12 +151,21 @@ class InstanceConfig:
                 "set it where the server runs (its OLLAMA_* environment)",
             )
 
+    def _check_key(self) -> None:
+        key = self.api_key
+        check(
+            key == key.strip() and not any(c.isspace() for c in key),
+            "api_key",
+            "must be one word without spaces, e.g. the key `ollamux keys add` printed there",
+        )
+
     def _check_node(self) -> None:
+        self._check_key()
         check(bool(self.url), "url", "is required for launcher node, e.g. http://box2:11434")
         problem = url_problem(self.url)
         check(problem is None, "url", f"{problem}, e.g. http://box2:11434")
         for name in (*self.LAUNCHED_ONLY, *self.EXTERNAL_ONLY, "gpu", "num_parallel"):
-            if name != "url":
+            if name not in self.NODE_KEEPS:
                 check(
                     getattr(self, name) == _DEFAULTS[name],
                     name,

@@ -38,12 +38,9 @@ def config_tree(config: Config) -> dict[str, Any]:
     for inst, entry in zip(_instances(config), tree["instances"], strict=False):
         unused = InstanceConfig.LAUNCHED_ONLY if inst.remote else InstanceConfig.EXTERNAL_ONLY
         if inst.launcher == "node":  # a node publishes its own GPUs and slots
-            unused = (
-                *unused,
-                "gpu",
-                "num_parallel",
-                *(k for k in InstanceConfig.EXTERNAL_ONLY if k != "url"),
-            )
+            kept = InstanceConfig.NODE_KEEPS
+            unused = (*unused, "gpu", "num_parallel")
+            unused += tuple(k for k in InstanceConfig.EXTERNAL_ONLY if k not in kept)
         for key in unused:
             del entry[key]
     return tree

@@ -54,12 +54,18 @@ BROKEN = "an error was encountered while running the model: the instance stopped
 """What a client reads when a stream breaks: Ollama's wording, no proxy internals."""
 
 
-def upstream_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
-    """The client's headers minus hop-by-hop ones and those the proxy must not pass on."""
+def upstream_headers(
+    headers: Mapping[str, str], replace: Mapping[str, str] | None = None
+) -> CIMultiDict[str]:
+    """The client's headers minus hop-by-hop ones and those the proxy must not pass on, with
+    ``replace`` set over them (an instance's own ``Authorization``)."""
     drop = _NOT_UPSTREAM | {
         token.strip().lower() for token in headers.get("Connection", "").split(",") if token
     }
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+    out = CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+    for key, value in (replace or {}).items():
+        out[key] = value
+    return out
 
 
 class StreamWatcher:
@@ -169,7 +175,7 @@ class Exchange:
             self._session.request(
                 method,
                 self.instance.url + path_qs,
-                headers=upstream_headers(headers),
+                headers=upstream_headers(headers, self.instance.auth()),
                 data=_payload(body),
                 timeout=timeout,
                 allow_redirects=False,

@@ -53,7 +53,7 @@ async def fan_out(proxy: Proxy, path: str) -> list[tuple[InstanceState, Any]]:
     timeout = aiohttp.ClientTimeout(total=FANOUT_TIMEOUT)
 
     async def one(inst: InstanceState) -> tuple[InstanceState, Any]:
-        async with session.get(inst.url + path, timeout=timeout) as resp:
+        async with session.get(inst.url + path, timeout=timeout, headers=inst.auth()) as resp:
             resp.raise_for_status()
             return inst, await resp.json(content_type=None)
 

@@ -133,7 +133,9 @@ async def _pull_one(
     returns None when it succeeded, else Ollama's error text."""
     last: dict[str, object] = {}
     try:
-        async with proxy.client().post(inst.url + "/api/pull", data=body) as resp:
+        async with proxy.client().post(
+            inst.url + "/api/pull", data=body, headers=inst.auth()
+        ) as resp:
             if resp.status != 200:
                 return _error_of((await resp.read()).strip()) or "pull failed"
             buffer = b""

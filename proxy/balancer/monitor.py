@@ -126,7 +126,9 @@ class Monitor:
     async def _answers(self, inst: InstanceState) -> bool:
         """``GET /`` answers 200 within ``health_timeout``."""
         try:
-            async with self._session.get(inst.url + "/", timeout=self._timeout) as resp:
+            async with self._session.get(
+                inst.url + "/", timeout=self._timeout, headers=inst.auth()
+            ) as resp:
                 await resp.read()
                 return resp.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
@@ -226,11 +228,11 @@ class Monitor:
         if model.context_length > 0:
             options["num_ctx"] = model.context_length
         body = {"model": model.name, "prompt": PROBE_PROMPT, "stream": False, "options": options}
-        status, data = await self._post(inst.url + "/api/generate", body)
+        status, data = await self._post(inst, "/api/generate", body)
         if status == 400 and "does not support generate" in str(data.get("error", "")):
             options.pop("num_predict")
             embed = {"model": model.name, "input": PROBE_PROMPT, "options": options}
-            status, data = await self._post(inst.url + "/api/embed", embed)
+            status, data = await self._post(inst, "/api/embed", embed)
             return _judge(status, data, "embeddings")
         return _judge(status, data, "done")
 
@@ -241,8 +243,10 @@ class Monitor:
         else:
             self.outliers.probe_failed(inst, why)
 
-    async def _post(self, url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        async with self._session.post(url, json=body) as resp:
+    async def _post(
+        self, inst: InstanceState, path: str, body: dict[str, Any]
+    ) -> tuple[int, dict[str, Any]]:
+        async with self._session.post(inst.url + path, json=body, headers=inst.auth()) as resp:
             raw = await resp.read()
         try:
             data = _json_object(raw)
@@ -252,14 +256,16 @@ class Monitor:
 
     # --- polls ----------------------------------------------------------------------------------
 
-    async def _get_json(self, url: str) -> Any:
-        async with self._session.get(url, timeout=self._timeout) as resp:
+    async def _get_json(self, inst: InstanceState, path: str) -> Any:
+        async with self._session.get(
+            inst.url + path, timeout=self._timeout, headers=inst.auth()
+        ) as resp:
             resp.raise_for_status()
             return await resp.json(content_type=None)
 
     async def _poll_ps(self, inst: InstanceState) -> None:
         asked_at = time.monotonic()
-        data = await self._get_json(inst.url + "/api/ps")
+        data = await self._get_json(inst, "/api/ps")
         loaded = {}
         for entry in data.get("models") or []:
             name = model_key(str(entry.get("name") or entry.get("model", "")))
@@ -280,7 +286,7 @@ class Monitor:
         self._on_loaded(inst, loaded, asked_at)
 
     async def _poll_tags(self, inst: InstanceState) -> None:
-        data = await self._get_json(inst.url + "/api/tags")
+        data = await self._get_json(inst, "/api/tags")
         models = set()
         for entry in data.get("models") or []:
             name = str(entry.get("name") or entry.get("model", ""))
@@ -294,7 +300,7 @@ class Monitor:
         node's free slots less what already waits in the node's queue; a model it holds but runs
         nowhere takes one request (the node loads it) until the node says more."""
         asked_at = time.monotonic()
-        data = await self._get_json(inst.url + "/proxy/node")
+        data = await self._get_json(inst, "/proxy/node")
         if not isinstance(data, dict) or data.get("schema") != NODE_SCHEMA:
             raise ValueError(f"GET /proxy/node is not schema {NODE_SCHEMA}: is it an ollamux?")
         held, loaded, capacity = set(), {}, {}
@@ -315,7 +321,7 @@ class Monitor:
         self._on_loaded(inst, loaded, asked_at)
 
     async def _poll_version(self, inst: InstanceState) -> None:
-        data = await self._get_json(inst.url + "/api/version")
+        data = await self._get_json(inst, "/api/version")
         inst.version = str(data.get("version", ""))
 
     async def _poll_gpus(self, inst: InstanceState) -> None:

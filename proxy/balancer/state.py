@@ -52,6 +52,8 @@ class InstanceState:
     url: str
     slots: int
     """OLLAMA_NUM_PARALLEL: parallel sequences per loaded model."""
+    api_key: str = field(default="", repr=False)
+    """Sent as ``Authorization: Bearer`` on everything sent there, in place of the client's."""
     capacity: dict[str, int] | None = None
     """For a node (another ollamux): the requests per model this proxy may have in flight there,
     from what the node last published; None for an Ollama server (``slots`` per model)."""
@@ -124,6 +126,10 @@ class InstanceState:
 
     def is_warm(self, model: str) -> bool:
         return model in self.loaded or model in self.loading
+
+    def auth(self) -> dict[str, str]:
+        """The header its ``api_key`` asks for, or none."""
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def slots_for(self, model: str) -> int:
         """Requests for ``model`` that may run here at once."""

@@ -292,9 +292,10 @@ async def test_the_key_is_not_passed_to_the_instances(
     seen: list[dict[str, str]] = []
     original = proxy.forward.upstream_headers
 
-    def spy(headers: object) -> object:
-        seen.append(dict(headers))  # type: ignore[call-overload]
-        return original(headers)  # type: ignore[arg-type]
+    def spy(headers: object, replace: object = None) -> object:
+        sent = original(headers, replace)  # type: ignore[arg-type]
+        seen.append(dict(sent))  # what goes upstream
+        return sent
 
     monkeypatch.setattr(proxy.forward, "upstream_headers", spy)
     assert (await call(keyed.box.url, "POST", "/api/chat", keyed.full, CHAT))[0] == 200

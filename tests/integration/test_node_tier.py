@@ -18,17 +18,20 @@ from proxy.api.clients import runner_options
 from proxy.app import build_app
 from proxy.config import config_from_dict
 from proxy.errors import ConfigError
+from proxy.keystore import add_key
 from tests.integration.farm import Farm, farm
 
 MODELS = ("llama3.2:1b", "llama3.2:3b", "qwen2.5:7b")
 
 
 @contextlib.asynccontextmanager
-async def front(nodes: list[Farm]) -> AsyncIterator[str]:
+async def front(nodes: list[Farm], *, api_key: str = "") -> AsyncIterator[str]:
     """An ollamux whose instances are ``nodes``; yields its URL."""
+    key = {"api_key": api_key} if api_key else {}
     raw = {
         "instances": [
-            {"name": f"node{i}", "launcher": "node", "url": box.url} for i, box in enumerate(nodes)
+            {"name": f"node{i}", "launcher": "node", "url": box.url, **key}
+            for i, box in enumerate(nodes)
         ],
         "timeouts": {"health_interval": 0.1, "health_timeout": 1.0, "connect": 1.0},
     }
@@ -140,3 +143,21 @@ async def test_a_node_that_dies_mid_burst_loses_nothing_that_had_not_started(
                 assert lines[-1]["done"] and lines[-1]["eval_count"] == 200
         finished = sum(1 for _, lines in results if "error" not in lines[-1])
         assert finished >= 8  # box a's share at least
+
+
+async def test_a_front_reaches_nodes_that_need_a_key_with_its_own(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.yaml"
+    key = add_key(keys, "front")
+    auth = {"keys_file": str(keys), "protect_status": True}
+    async with (
+        farm(tmp_path / "a", gpus=(24,), auth=auth) as node,
+        front([node], api_key=key) as url,
+        aiohttp.ClientSession() as session,
+    ):
+        async with session.get(node.url + "/proxy/node") as resp:
+            assert resp.status == 401  # the node is closed without a key
+        reply = await chat(session, url, MODELS[0], 0)  # the client sends no key at all
+        assert reply["done"]
+        async with session.get(url + "/proxy/status") as resp:
+            (entry,) = (await resp.json())["instances"]
+        assert entry["state"] == "up" and MODELS[0] in entry["models"]

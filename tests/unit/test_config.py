@@ -314,6 +314,7 @@ SET_EXTERNAL_ONLY: dict[str, Any] = {
     "gpu_source_token": "secret",
     "memory_gib": 24,
     "store": "nfs",
+    "api_key": "secret-key-of-the-node",
 }
 EXTERNAL = {"name": "remote", "launcher": "external", "url": "http://10.0.0.5:11434"}
 
@@ -427,3 +428,13 @@ def test_config_check_of_a_launched_instance_shows_no_external_keys() -> None:
     tree = yaml.safe_load(dump_config(config_from_dict({"instances": [{"name": "g", "gpu": 0}]})))
     assert not set(tree["instances"][0]) & set(InstanceConfig.EXTERNAL_ONLY)
     assert tree["instances"][0]["port"] == 11435
+
+
+def test_an_api_key_is_one_word_and_only_for_servers_ollamux_does_not_start() -> None:
+    node = {"name": "n", "launcher": "node", "url": "http://box2:11434", "api_key": "k1"}
+    (inst,) = config_from_dict({"instances": [node]}).instances  # type: ignore[misc]
+    assert inst.api_key == "k1"
+    with pytest.raises(ConfigError, match=r"instances\[0\].api_key: must be one word"):
+        config_from_dict({"instances": [{**node, "api_key": "two words"}]})
+    with pytest.raises(ConfigError, match=r"instances\[0\].api_key: is only for launcher"):
+        config_from_dict({"instances": [{"name": "g", "gpu": 0, "api_key": "k1"}]})
