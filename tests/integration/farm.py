@@ -99,12 +99,7 @@ async def farm(
             )
             engine = Engine(settings, RealClock(speed))
             store = ModelStore(tmp_path / "models" if stores == "shared" else None, catalogue)
-            app = build_emulator_app(
-                engine, store, catalogue, version="0.32.15", bind_host="127.0.0.1"
-            )
-            server = TestServer(app, host="127.0.0.1")
-            await server.start_server()
-            stack.push_async_callback(server.close)
+            server = await emulator_server(stack, engine, store, catalogue)
             engines.append(engine)
             servers.append(server)
         raw = {
@@ -154,3 +149,14 @@ def _instance(i: int, port: int, launcher: str, num_parallel: int) -> dict[str, 
         if launcher == "external_agent":
             where["gpu_source"] = where["url"]  # an emulator serves /gpus as an agent does
     return {"name": f"gpu{i}", "num_parallel": num_parallel, **where}
+
+
+async def emulator_server(
+    stack: contextlib.AsyncExitStack, engine: Engine, store: ModelStore, catalogue: Catalogue
+) -> TestServer:
+    """An emulated Ollama on a free 127.0.0.1 port, closed with ``stack``."""
+    app = build_emulator_app(engine, store, catalogue, version="0.32.15", bind_host="127.0.0.1")
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    stack.push_async_callback(server.close)
+    return server

@@ -23,8 +23,8 @@ from proxy.emulator.catalogue import Catalogue
 from proxy.emulator.clock import RealClock
 from proxy.emulator.engine import Engine
 from proxy.emulator.events import ServerSettings
-from proxy.emulator.server import build_emulator_app
 from proxy.emulator.store import ModelStore
+from tests.integration.farm import emulator_server
 
 CARDS = [GpuSpec(name=f"card{i}", memory_gib=24) for i in range(4)]
 LAYOUT = {"gpu0-2": CARDS[:3], "gpu3": CARDS[3:]}
@@ -40,12 +40,7 @@ async def box(tmp_path: Path) -> AsyncIterator[tuple[str, dict[str, Engine]]]:
             settings = ServerSettings(gpus=tuple(cards), num_parallel=1, context_length=4096)
             engine = Engine(settings, RealClock(50.0))
             store = ModelStore(tmp_path / "models", catalogue)
-            app = build_emulator_app(
-                engine, store, catalogue, version="0.32.15", bind_host="127.0.0.1"
-            )
-            server = TestServer(app, host="127.0.0.1")
-            await server.start_server()
-            stack.push_async_callback(server.close)
+            server = await emulator_server(stack, engine, store, catalogue)
             engines[name] = engine
             instances.append(
                 {

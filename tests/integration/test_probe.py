@@ -30,9 +30,8 @@ from proxy.emulator.catalogue import Catalogue
 from proxy.emulator.clock import RealClock
 from proxy.emulator.engine import Engine
 from proxy.emulator.events import ServerSettings
-from proxy.emulator.server import build_emulator_app
 from proxy.emulator.store import ModelStore
-from tests.integration.farm import farm
+from tests.integration.farm import emulator_server, farm
 
 MODEL = "llama3.2:1b"
 EMBED = "nomic-embed-text:latest"
@@ -96,12 +95,7 @@ async def box(tmp_path: Path, n: int = 2) -> AsyncIterator[Box]:
             settings = ServerSettings(gpus=(GpuSpec(name=f"emu{i}", memory_gib=24),))
             engine = Engine(settings, RealClock(50.0))
             store = ModelStore(tmp_path / "models", catalogue)
-            app = build_emulator_app(
-                engine, store, catalogue, version="0.32.15", bind_host="127.0.0.1"
-            )
-            server = TestServer(app, host="127.0.0.1")
-            await server.start_server()
-            stack.push_async_callback(server.close)
+            server = await emulator_server(stack, engine, store, catalogue)
             servers.append(server)
         session = await stack.enter_async_context(aiohttp.ClientSession())
         instances = [
