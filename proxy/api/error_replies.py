@@ -98,3 +98,16 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except OllamuxError as exc:  # a bug if it gets here: say so without a traceback to the client
         log.exception("unhandled %s", type(exc).__name__)
         return error_response(request.path, 500, INTERNAL)
+
+
+def error_text(body: bytes, *, limit: int | None = None) -> str:
+    """The error an instance's answer carries: its JSON ``error`` (an OpenAI-shaped one's
+    ``message``), "" when it names none, else the body itself (its first ``limit`` bytes)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body[:limit].decode(errors="replace")
+    error = data.get("error", "") if isinstance(data, dict) else ""
+    if isinstance(error, dict):
+        error = error.get("message", "")
+    return str(error)

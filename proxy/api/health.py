@@ -16,12 +16,10 @@ once the listening socket has closed, only connections that were already open re
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 from aiohttp import web
 
 from proxy.api.context import PROXY
+from proxy.api.ollama import json_response
 from proxy.api.stopping import GATE, PROBES
 
 __all__ = ["NOT_READY", "PATHS", "STOPPING", "routes"]
@@ -52,8 +50,3 @@ async def ready(request: web.Request) -> web.Response:
     if not routable:
         return json_response({"error": NOT_READY, "status": "not ready", **counts}, status=503)
     return json_response({"status": "ready", **counts})
-
-
-def json_response(data: dict[str, Any], status: int = 200) -> web.Response:
-    body = json.dumps(data, separators=(",", ":"))
-    return web.Response(status=status, text=body, content_type="application/json", charset="utf-8")

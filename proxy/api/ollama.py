@@ -63,9 +63,9 @@ async def fan_out(proxy: Proxy, path: str) -> list[tuple[InstanceState, Any]]:
     return [r for r in results if isinstance(r, tuple)]
 
 
-def json_response(data: Any) -> web.Response:
+def json_response(data: Any, status: int = 200) -> web.Response:
     body = json.dumps(data, separators=(",", ":"))
-    return web.Response(text=body, content_type="application/json", charset="utf-8")
+    return web.Response(status=status, text=body, content_type="application/json", charset="utf-8")
 
 
 async def tags(request: web.Request) -> web.Response:

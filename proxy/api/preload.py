@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 from proxy.api.context import Proxy
+from proxy.api.error_replies import error_text
 from proxy.balancer.state import InstanceState
 from proxy.errors import UpstreamError
 
@@ -39,13 +40,5 @@ async def _ask(
     finally:
         exchange.close()
     if resp.status >= 300:
-        return f"answered {resp.status}: {_error(answer)}"
+        return f"answered {resp.status}: {error_text(answer, limit=200)}"
     return None
-
-
-def _error(answer: bytes) -> str:
-    try:
-        data = json.loads(answer)
-    except ValueError:
-        return answer[:200].decode(errors="replace")
-    return str(data.get("error", "")) if isinstance(data, dict) else ""

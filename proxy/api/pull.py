@@ -21,7 +21,7 @@ from aiohttp import web
 from proxy.api.access import accounted, begin
 from proxy.api.body import request_body
 from proxy.api.context import PROXY, Proxy
-from proxy.api.error_replies import error_response
+from proxy.api.error_replies import error_response, error_text
 from proxy.api.passthrough import passthrough
 from proxy.balancer.state import InstanceState
 from proxy.names import is_valid, normalize
@@ -137,7 +137,7 @@ async def _pull_one(
             inst.url + "/api/pull", data=body, headers=inst.auth()
         ) as resp:
             if resp.status != 200:
-                return _error_of((await resp.read()).strip()) or "pull failed"
+                return error_text((await resp.read()).strip()) or "pull failed"
             buffer = b""
             async for chunk in resp.content.iter_any():
                 buffer += chunk
@@ -167,14 +167,6 @@ def _line(line: bytes, show: Callable[[bytes], None]) -> dict[str, object] | Non
     if data.get("status") != "success":
         show(line)
     return data
-
-
-def _error_of(body: bytes) -> str:
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return body.decode(errors="replace")
-    return str(data.get("error", "")) if isinstance(data, dict) else ""
 
 
 def _summary(request: web.Request, job: _Pull) -> web.Response:

@@ -16,7 +16,7 @@ from proxy import __version__, errors
 from proxy.api import auth
 from proxy.api.access import Access, body_model, quote
 from proxy.api.admin import ttft_summary
-from proxy.api.error_replies import rejection_reason
+from proxy.api.error_replies import error_text, rejection_reason
 from proxy.balancer.dispatcher import Dispatcher
 from proxy.balancer.policies import make_policy
 from proxy.balancer.state import InstanceState, LoadedModel, ModelBook
@@ -346,3 +346,14 @@ def test_status_says_what_an_external_instance_lacks_and_how_to_fix_it() -> None
     ) in lines
     assert "near lacks gpu memory readings (learned)" in lines
     assert not any("gpu0 lacks" in line for line in lines)  # one with readings lacks nothing
+
+
+def test_error_text_reads_ollamas_error_from_an_answer() -> None:
+    assert error_text(b'{"error":"model \\"x\\" not found"}') == 'model "x" not found'
+    assert error_text(b'{"error":{"message":"bad","type":"api_error"}}') == "bad"
+    assert error_text(b'{"status":"success"}') == ""
+    assert (
+        error_text(b"502 Bad Gateway from a proxy in between")
+        == "502 Bad Gateway from a proxy in between"
+    )
+    assert error_text(b"x" * 500, limit=200) == "x" * 200
